@@ -1,0 +1,11 @@
+"""SAMS-VAE for single-cell perturbation screens, as an scvi-tools model."""
+
+from importlib.metadata import version
+
+from . import data, metrics, pl
+from .model import SAMSVAE
+from .module import SAMSModule
+
+__version__ = version("sams-scvi")
+
+__all__ = ["SAMSModule", "SAMSVAE", "data", "metrics", "pl"]

@@ -1,0 +1,246 @@
+"""An AnnData field that turns per-cell perturbation labels into a multi-hot design matrix ``D``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import rich
+from scipy import sparse
+from scvi.data.fields import BaseAnnDataField, MuDataWrapper
+
+
+def parse_perturbations(
+    labels: Sequence[str] | pd.Series,
+    *,
+    control_value: str = "control",
+    delimiter: str = "+",
+    dosages: Sequence[str] | pd.Series | None = None,
+    vocabulary: Sequence[str] | None = None,
+    label_source: str = "labels",
+) -> tuple[sparse.csr_matrix, list[str]]:
+    """Parse perturbation labels such as ``"control"``, ``"A"`` or ``"A+B"`` into a design matrix.
+
+    Row ``i`` of the returned matrix ``D`` (cells x atomic perturbations) holds the dosage of each atomic
+    perturbation in cell ``i``: 1 for a plain label, the parsed value for a dosage label such as ``"1+0.5"``,
+    and all zeros for a control cell. ``control_value`` inside a combination (``"A+control"``) is ignored.
+
+    Parameters
+    ----------
+    labels
+        One label per cell.
+    control_value
+        The label of unperturbed cells.
+    delimiter
+        Separator between the atomic perturbations of a combination.
+    dosages
+        Optional labels of the same shape as ``labels`` with one number per atomic perturbation
+        (``"1+0.5"``). Ignored for control cells.
+    vocabulary
+        Atomic perturbations that define the columns. If given (transfer to new data), a label that names
+        a perturbation outside it raises a :class:`ValueError`; unseen combinations of known perturbations
+        pass. If ``None``, the sorted set of atomic perturbations in ``labels`` is used.
+    label_source
+        How to name the labels in error messages, e.g. ``"obs['perturbation']"``.
+
+    Returns
+    -------
+    The float32 CSR design matrix and its column names (the vocabulary).
+    """
+    labels = pd.Series(np.asarray(labels, dtype=object))
+    missing = labels.isna()
+    if missing.any():
+        raise ValueError(
+            f"{label_source} has {int(missing.sum())} missing (NaN) labels. Give every cell a label "
+            f"(controls as {control_value!r}) or drop the unassigned cells before setup."
+        )
+    keys = labels.astype(str)
+    if dosages is not None:
+        dosages = pd.Series(np.asarray(dosages, dtype=object))
+        if len(dosages) != len(labels):
+            raise ValueError("`dosages` must have one entry per cell.")
+        keys = keys + "\x00" + dosages.astype(str)
+    codes, uniques = pd.factorize(keys)
+
+    parsed = []
+    for key in uniques:
+        label, _, dosage = key.partition("\x00")
+        parsed.append(_parse_label(label, dosage if dosages is not None else None, control_value, delimiter))
+
+    if vocabulary is None:
+        vocabulary = sorted({name for atoms in parsed for name in atoms})
+    vocabulary = [str(v) for v in vocabulary]
+    column = {name: j for j, name in enumerate(vocabulary)}
+    unknown = sorted({name for atoms in parsed for name in atoms if name not in column})
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise ValueError(
+            f"{label_source} contains perturbations the model was not trained on: {shown}. The model has no "
+            "embedding for them; it can predict new combinations of known perturbations only."
+        )
+
+    # One sparse row per unique label, then gather rows by code.
+    rows, cols, vals = [], [], []
+    for u, atoms in enumerate(parsed):
+        for name, value in atoms.items():
+            rows.append(u)
+            cols.append(column[name])
+            vals.append(value)
+    unique_design = sparse.csr_matrix(
+        (np.asarray(vals, dtype=np.float32), (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))),
+        shape=(len(parsed), len(vocabulary)),
+    )
+    design = unique_design[codes].tocsr()
+    design.eliminate_zeros()
+    return design.astype(np.float32), vocabulary
+
+
+def _parse_label(label: str, dosage: str | None, control_value: str, delimiter: str) -> dict[str, float]:
+    """Map one label (and its dosage label) to ``{atomic perturbation: dosage}``."""
+    stripped = label.strip()
+    if stripped == control_value:
+        return {}
+    names = [name.strip() for name in stripped.split(delimiter)]
+    if any(name == "" for name in names):
+        raise ValueError(
+            f"Perturbation label {label!r} has an empty perturbation name; labels look like "
+            f"'A' or 'A{delimiter}B', and unperturbed cells are labelled {control_value!r}."
+        )
+    if dosage is None or dosage in ("nan", "None", ""):
+        values = [1.0] * len(names)
+    else:
+        parts = dosage.split(delimiter)
+        if len(parts) != len(names):
+            raise ValueError(
+                f"Dosage label {dosage!r} has {len(parts)} values but perturbation label {label!r} "
+                f"has {len(names)} perturbations."
+            )
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"Dosage label {dosage!r} is not a {delimiter!r}-separated list of numbers.") from None
+    atoms: dict[str, float] = {}
+    for name, value in zip(names, values, strict=True):
+        if name == control_value:
+            continue
+        atoms[name] = atoms.get(name, 0.0) + value
+    return atoms
+
+
+class PerturbationField(BaseAnnDataField):
+    """Registers ``obs[perturbation_key]`` as a cells x atomic-perturbations design matrix.
+
+    The matrix (float32, sparse) is written to ``obsm["_scvi_perturbation"]``; the vocabulary of atomic
+    perturbations, the control label and the delimiter are kept in the state registry, so new data is
+    encoded with the training vocabulary: unseen combinations of known perturbations transfer, unknown
+    perturbations raise a :class:`ValueError`.
+
+    Parameters
+    ----------
+    registry_key
+        Key of the field in the registry and in minibatches.
+    perturbation_key
+        Column of ``adata.obs`` with one label per cell (``"control"``, ``"A"``, ``"A+B"``).
+    control_value
+        Label of unperturbed cells.
+    delimiter
+        Separator of combinations.
+    dosage_key
+        Optional column of ``adata.obs`` with per-perturbation dosages (``"1+0.5"``).
+    """
+
+    def __init__(
+        self,
+        registry_key: str,
+        perturbation_key: str,
+        control_value: str = "control",
+        delimiter: str = "+",
+        dosage_key: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not delimiter:
+            raise ValueError("`delimiter` must be a non-empty string.")
+        self._registry_key = registry_key
+        self.perturbation_key = perturbation_key
+        self.control_value = control_value
+        self.delimiter = delimiter
+        self.dosage_key = dosage_key
+
+    @property
+    def registry_key(self) -> str:
+        return self._registry_key
+
+    @property
+    def attr_name(self) -> str:
+        return "obsm"
+
+    @property
+    def attr_key(self) -> str:
+        return f"_scvi_{self._registry_key}"
+
+    @property
+    def is_empty(self) -> bool:
+        return False
+
+    def validate_field(self, adata) -> None:
+        for key in (self.perturbation_key, self.dosage_key):
+            if key is not None and key not in adata.obs:
+                raise KeyError(f"{key!r} is not a column of adata.obs; available columns: {list(adata.obs.columns)}.")
+
+    def _encode(self, adata, vocabulary=None) -> tuple[sparse.csr_matrix, list[str]]:
+        labels = adata.obs[self.perturbation_key]
+        dosages = adata.obs[self.dosage_key] if self.dosage_key is not None else None
+        design, vocabulary = parse_perturbations(
+            labels,
+            control_value=self.control_value,
+            delimiter=self.delimiter,
+            dosages=dosages,
+            vocabulary=vocabulary,
+            label_source=f"adata.obs[{self.perturbation_key!r}]",
+        )
+        adata.obsm[self.attr_key] = design
+        return design, vocabulary
+
+    def _state(self, adata, design: sparse.csr_matrix, vocabulary: list[str]) -> dict:
+        labels = adata.obs[self.perturbation_key].astype(str).str.strip()
+        is_control = np.asarray(design.getnnz(axis=1) == 0)
+        observed = sorted(pd.unique(labels[~is_control]))
+        return {
+            "vocabulary": vocabulary,
+            "control_value": self.control_value,
+            "delimiter": self.delimiter,
+            "observed_labels": [str(label) for label in observed],
+            "n_control_cells": int(is_control.sum()),
+        }
+
+    def register_field(self, adata) -> dict:
+        super().register_field(adata)
+        design, vocabulary = self._encode(adata)
+        if len(vocabulary) == 0:
+            raise ValueError(
+                f"adata.obs[{self.perturbation_key!r}] holds only the control label {self.control_value!r}; "
+                "SAMS-VAE needs perturbed cells."
+            )
+        return self._state(adata, design, vocabulary)
+
+    def transfer_field(self, state_registry: dict, adata_target, **kwargs) -> dict:
+        super().transfer_field(state_registry, adata_target, **kwargs)
+        self.validate_field(adata_target)
+        design, vocabulary = self._encode(adata_target, vocabulary=state_registry["vocabulary"])
+        return self._state(adata_target, design, vocabulary)
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return {"n_perturbations": len(state_registry["vocabulary"])}
+
+    def view_state_registry(self, state_registry: dict) -> rich.table.Table | None:
+        table = rich.table.Table(title=f"{self.registry_key} state registry")
+        table.add_column("Source location", justify="center", style="dodger_blue1", no_wrap=True)
+        table.add_column("Perturbations", justify="center", style="green")
+        table.add_column("Design column", justify="center", style="dark_violet")
+        for j, name in enumerate(state_registry["vocabulary"]):
+            table.add_row(f"adata.obs['{self.perturbation_key}']" if j == 0 else "", name, str(j))
+        return table
+
+
+MuDataPerturbationField = MuDataWrapper(PerturbationField)

@@ -1,0 +1,5 @@
+"""PyTorch modules of :mod:`sams_scvi`."""
+
+from ._module import SAMSModule
+
+__all__ = ["SAMSModule"]

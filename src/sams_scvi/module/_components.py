@@ -1,0 +1,126 @@
+"""Building blocks shared by the SAMS-VAE networks and distributions (plain PyTorch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+_LEAKY_SLOPE = 0.01
+_VARIANCE_EPS = 1e-4
+
+
+class ResidualMLP(nn.Module):
+    r"""The reference's trunk: :math:`h_1 = \mathrm{LReLU}(W_1 x + b_1 + s)`, :math:`h_l = h_{l-1} + \mathrm{LReLU}(W_l h_{l-1} + b_l)`.
+
+    ``s`` is an optional pre-activation shift added to the first layer. It is how inputs that are
+    concatenated in the paper enter here without building the concatenation: ``W [x; u] = W_x x + W_u u``, so a
+    one-hot ``u`` becomes a row look-up and a per-particle ``u`` does not repeat the per-cell ``W_x x``.
+    """
+
+    def __init__(self, n_input: int, n_hidden: int, n_layers: int = 1) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError("`n_layers` must be at least 1.")
+        self.first = nn.Linear(n_input, n_hidden)
+        self.residual = nn.ModuleList(nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1))
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.first(x)
+        if shift is not None:
+            h = h + shift
+        h = F.leaky_relu(h, _LEAKY_SLOPE)
+        for layer in self.residual:
+            h = h + F.leaky_relu(layer(h), _LEAKY_SLOPE)
+        return h
+
+
+class GaussianMLP(nn.Module):
+    """Residual trunk with mean and log-variance heads; returns ``Normal(mean, sqrt(exp(logvar) + 1e-4))``."""
+
+    def __init__(self, n_input: int, n_output: int, n_hidden: int, n_layers: int = 1) -> None:
+        super().__init__()
+        self.trunk = ResidualMLP(n_input, n_hidden, n_layers)
+        self.mean = nn.Linear(n_hidden, n_output)
+        self.log_var = nn.Linear(n_hidden, n_output)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> Normal:
+        h = self.trunk(x, shift)
+        return Normal(self.mean(h), torch.sqrt(self.log_var(h).exp() + _VARIANCE_EPS))
+
+
+class CovariateEmbedding(nn.Module):
+    """Sum of one learned vector per categorical covariate: the one-hot part of a first linear layer.
+
+    ``Linear([z; onehot(c_1); ...; onehot(c_J)]) = Linear(z) + sum_j W_j[c_j]``; covariates with a single
+    category carry no information and are skipped.
+    """
+
+    def __init__(self, n_cats_per_cov: list[int], n_hidden: int) -> None:
+        super().__init__()
+        self.n_cats_per_cov = list(n_cats_per_cov)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, n_hidden) if n > 1 else None for n in self.n_cats_per_cov)
+
+    @property
+    def is_empty(self) -> bool:
+        return all(e is None for e in self.embeddings)
+
+    def forward(self, codes: torch.Tensor | None) -> torch.Tensor | None:
+        """``codes``: (..., n_covariates) integer codes; returns (..., n_hidden) or ``None``."""
+        if codes is None or self.is_empty:
+            return None
+        codes = codes.long()
+        return sum(e(codes[..., j]) for j, e in enumerate(self.embeddings) if e is not None)
+
+
+def relaxed_bernoulli_straight_through(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hard {0, 1} sample of ``Bernoulli(sigmoid(logits))`` with the binary-Concrete gradient.
+
+    Forward: ``1[sigmoid((logits + L) / temperature) > 0.5]`` with logistic noise ``L``, an exact Bernoulli draw.
+    Backward: the gradient of the relaxed sample (straight-through Gumbel-softmax).
+    """
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def bernoulli_log_prob(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Exact Bernoulli log-mass ``value * logits - softplus(logits)`` (differentiable in both arguments)."""
+    return value * logits - F.softplus(logits)
+
+
+def negative_binomial_log_prob_parts(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Negative-binomial log-likelihood summed over genes, split into a count-only and a mean-dependent part.
+
+    .. math::
+        \log NB(x;\mu,\theta) = \underbrace{\log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)}_{\text{count-only}}
+        + \theta\log\theta + x\log\mu - (x+\theta)\log(\theta+\mu)
+
+    The count-only part does not depend on the particle, so it is computed once per cell.
+
+    Parameters
+    ----------
+    x
+        Counts, shape (n, G).
+    mu
+        Means, shape (..., n, G).
+    theta
+        Inverse dispersion, shape (G,).
+
+    Returns
+    -------
+    ``(count_only, mean_part)`` of shapes (n,) and (..., n).
+    """
+    count_only = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)).sum(-1)
+    mean_part = (x * torch.log(mu) - (x + theta) * torch.log(theta + mu)).sum(-1) + (theta * torch.log(theta)).sum()
+    return count_only, mean_part
+
+
+def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Draw counts from the Gamma-Poisson mixture with mean ``mu`` and inverse dispersion ``theta``."""
+    rate = torch.distributions.Gamma(theta.expand_as(mu), theta / mu).sample()
+    return torch.poisson(rate)

@@ -1,0 +1,59 @@
+"""Predicted versus observed average treatment effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..metrics import ate_pearson
+
+
+def ate_scatter(
+    predicted: AnnData | pd.DataFrame,
+    observed: AnnData | pd.DataFrame,
+    ax=None,
+    title: str | None = None,
+    show: bool | None = None,
+):
+    """Scatter of predicted against observed ATEs (one point per perturbation x gene), with Pearson r.
+
+    Parameters
+    ----------
+    predicted, observed
+        Perturbations x genes ATE tables, e.g. from :meth:`sams_scvi.SAMSVAE.estimate_ate` and
+        :func:`sams_scvi.metrics.observed_ate`.
+    ax
+        Matplotlib axes to draw into; a new figure if ``None``.
+    title
+        Axes title.
+    show
+        Call ``plt.show()``; default, only when a new figure was made in an interactive session.
+
+    Returns
+    -------
+    The matplotlib axes.
+    """
+    import matplotlib.pyplot as plt
+
+    pred = predicted.to_df() if isinstance(predicted, AnnData) else predicted
+    obs = observed.to_df() if isinstance(observed, AnnData) else observed
+    rows = [p for p in obs.index if p in pred.index]
+    genes = obs.columns.intersection(pred.columns)
+    x = obs.loc[rows, genes].to_numpy().ravel()
+    y = pred.loc[rows, genes].to_numpy().ravel()
+    new_figure = ax is None
+    if new_figure:
+        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(x, y, s=6, alpha=0.5, linewidths=0)
+    lim = float(np.nanmax(np.abs(np.concatenate([x, y])))) * 1.05 or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel("observed ATE (log2 scale)")
+    ax.set_ylabel("predicted ATE (log2 scale)")
+    r = ate_pearson(pred.loc[rows], obs.loc[rows])
+    ax.set_title(title or f"{len(rows)} perturbations x {len(genes)} genes, r = {r:.2f}")
+    if show or (show is None and new_figure and plt.isinteractive()):
+        plt.show()
+    return ax
