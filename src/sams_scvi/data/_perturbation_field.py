@@ -55,18 +55,15 @@ def parse_perturbations(
             f"{label_source} has {int(missing.sum())} missing (NaN) labels. Give every cell a label "
             f"(controls as {control_value!r}) or drop the unassigned cells before setup."
         )
-    keys = labels.astype(str)
+    labels = labels.astype(str)
     if dosages is not None:
-        dosages = pd.Series(np.asarray(dosages, dtype=object))
+        dosages = pd.Series(np.asarray(dosages, dtype=object)).astype(str)
         if len(dosages) != len(labels):
             raise ValueError("`dosages` must have one entry per cell.")
-        keys = keys + "\x00" + dosages.astype(str)
-    codes, uniques = pd.factorize(keys)
-
-    parsed = []
-    for key in uniques:
-        label, _, dosage = key.partition("\x00")
-        parsed.append(_parse_label(label, dosage if dosages is not None else None, control_value, delimiter))
+    else:
+        dosages = pd.Series([""] * len(labels))
+    codes, uniques = pd.factorize(pd.MultiIndex.from_arrays([labels, dosages]))
+    parsed = [_parse_label(label, dosage, control_value, delimiter) for label, dosage in uniques]
 
     if vocabulary is None:
         vocabulary = sorted({name for atoms in parsed for name in atoms})
@@ -96,7 +93,7 @@ def parse_perturbations(
     return design.astype(np.float32), vocabulary
 
 
-def _parse_label(label: str, dosage: str | None, control_value: str, delimiter: str) -> dict[str, float]:
+def _parse_label(label: str, dosage: str, control_value: str, delimiter: str) -> dict[str, float]:
     """Map one label (and its dosage label) to ``{atomic perturbation: dosage}``."""
     stripped = label.strip()
     if stripped == control_value:
@@ -107,7 +104,7 @@ def _parse_label(label: str, dosage: str | None, control_value: str, delimiter: 
             f"Perturbation label {label!r} has an empty perturbation name; labels look like "
             f"'A' or 'A{delimiter}B', and unperturbed cells are labelled {control_value!r}."
         )
-    if dosage is None or dosage in ("nan", "None", ""):
+    if dosage in ("nan", "None", ""):
         values = [1.0] * len(names)
     else:
         parts = dosage.split(delimiter)

@@ -110,7 +110,9 @@ def ate_pearson(
     rows = list(perturbations) if perturbations is not None else [p for p in obs.index if p in pred.index]
     missing = [p for p in rows if p not in pred.index or p not in obs.index]
     if missing or not rows:
-        raise ValueError(f"Perturbations missing from one of the tables: {missing[:10]}" if missing else "No shared perturbations.")
+        raise ValueError(
+            f"Perturbations missing from one of the tables: {missing[:10]}" if missing else "No shared perturbations."
+        )
     genes = obs.columns.intersection(pred.columns)
     if top_k is not None and top_k > len(genes):
         raise ValueError(f"top_k={top_k} exceeds the {len(genes)} shared genes.")

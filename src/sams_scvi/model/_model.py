@@ -24,10 +24,11 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp, track
 
-from .._constants import SAMS_REGISTRY_KEYS
-from ..data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
-from ..module import SAMSModule
-from ..module._components import sample_negative_binomial
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi.data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
+from sams_scvi.module import SAMSModule
+from sams_scvi.module._components import sample_negative_binomial
+
 from ._training_plan import SAMSTrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         fields = [
             LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
-            PerturbationField(SAMS_REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key, control_value, delimiter, dosage_key),
+            PerturbationField(
+                SAMS_REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key, control_value, delimiter, dosage_key
+            ),
             CategoricalJointObsField(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
@@ -206,7 +209,9 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 mod_key=modalities.perturbation_key,
             ),
             MuDataCategoricalJointObsField(
-                SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys, mod_key=modalities.categorical_covariate_keys
+                SAMS_REGISTRY_KEYS.CAT_COVS_KEY,
+                categorical_covariate_keys,
+                mod_key=modalities.categorical_covariate_keys,
             ),
         ]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
@@ -336,7 +341,9 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         for key in (SAMS_REGISTRY_KEYS.BATCH_KEY, SAMS_REGISTRY_KEYS.CAT_COVS_KEY):
             if key in manager.data_registry:
                 value = manager.get_from_registry(key)
-                codes.append(np.asarray(value.to_numpy() if isinstance(value, pd.DataFrame) else value).reshape(len(value), -1))
+                codes.append(
+                    np.asarray(value.to_numpy() if isinstance(value, pd.DataFrame) else value).reshape(len(value), -1)
+                )
         if not codes or self.module.decoder_covariates.is_empty:
             return None
         codes = np.concatenate(codes, axis=1)
@@ -374,7 +381,11 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return np.concatenate(latents)
 
     def get_latent_representation(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None, **kwargs
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        **kwargs,
     ) -> np.ndarray:
         """Basal latent representation (as :meth:`get_latent` with ``representation="basal"``)."""
         if kwargs.get("give_mean", True) is False or kwargs.get("return_dist", False):
@@ -385,14 +396,18 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def get_mask_probabilities(self) -> pd.DataFrame:
         """Posterior probability :math:`q(m_{tk} = 1)` that perturbation ``t`` acts on latent dimension ``k``."""
         probs = torch.sigmoid(self.module.mask_logits).cpu().numpy()
-        return pd.DataFrame(probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1]))
+        return pd.DataFrame(
+            probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1])
+        )
 
     @torch.inference_mode()
     def get_perturbation_embeddings(self) -> pd.DataFrame:
         """Posterior point estimate of each perturbation's latent shift :math:`m_t \\odot e_t` (perturbations x K)."""
         globals_ = self.module.point_globals()
         shift = (globals_["mask"] * globals_["embedding"])[0].cpu().numpy()
-        return pd.DataFrame(shift, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(shift.shape[1]))
+        return pd.DataFrame(
+            shift, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(shift.shape[1])
+        )
 
     # ------------------------------------------------------------------ predictions
     @torch.inference_mode()

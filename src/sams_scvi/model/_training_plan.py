@@ -7,7 +7,7 @@ import torch
 from scipy import sparse
 from scvi.train import TrainingPlan
 
-from .._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
 
 def log1p_mean_std(x, indices: np.ndarray, chunk_size: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ class SAMSTrainingPlan(TrainingPlan):
         Arguments of :class:`scvi.train.TrainingPlan`.
     """
 
-    def __init__(self, module, *, global_lr_factor: float = 10.0, **kwargs) -> None:
+    def __init__(self, module, *, global_lr_factor: float = 30.0, **kwargs) -> None:
         super().__init__(module, **kwargs)
         self.global_lr_factor = global_lr_factor
 

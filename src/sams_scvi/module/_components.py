@@ -83,7 +83,19 @@ def relaxed_bernoulli_straight_through(logits: torch.Tensor, temperature: float)
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return _StraightThrough.apply(hard, soft)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``hard`` exactly in the forward pass and routes the gradient to ``soft`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
 
 
 def bernoulli_log_prob(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal
 
-from .._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+
 from ._components import (
     CovariateEmbedding,
     GaussianMLP,
@@ -67,7 +68,8 @@ class SAMSModule(BaseModuleClass):
     n_particles
         Monte-Carlo particles per training step.
     mask_init_logit
-        Initial logit of every mask posterior entry (the reference uses 0, i.e. probability 0.5).
+        Initial logit of every mask posterior entry. The reference uses 0 (probability 0.5); -2 (0.12) reaches
+        sparse masks in far fewer steps on simulated data with no loss of ATE accuracy (see the docs).
     gumbel_temperature
         Temperature of the relaxed Bernoulli.
     """
@@ -87,7 +89,7 @@ class SAMSModule(BaseModuleClass):
         embedding_encoder_n_hidden: int = 200,
         embedding_encoder_n_layers: int = 2,
         n_particles: int = 5,
-        mask_init_logit: float = 0.0,
+        mask_init_logit: float = -2.0,
         gumbel_temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -115,7 +117,9 @@ class SAMSModule(BaseModuleClass):
         self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
         # q(E | M) or q(E).
         if guide == "correlated":
-            self.embedding_encoder = GaussianMLP(n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers)
+            self.embedding_encoder = GaussianMLP(
+                n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers
+            )
             self.perturbation_onehot = nn.Embedding(n_perturbations, embedding_encoder_n_hidden)
         else:
             self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
@@ -249,7 +253,9 @@ class SAMSModule(BaseModuleClass):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
-        count_only, mean_part = negative_binomial_log_prob_parts(x, generative_outputs["mu"], generative_outputs["theta"])
+        count_only, mean_part = negative_binomial_log_prob_parts(
+            x, generative_outputs["mu"], generative_outputs["theta"]
+        )
         z_basal = inference_outputs["z_basal"]
         kl_basal = (inference_outputs["qz"].log_prob(z_basal) - Normal(0.0, 1.0).log_prob(z_basal)).sum(-1)
         return count_only + mean_part, kl_basal

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..metrics import ate_pearson
+from sams_scvi.metrics import ate_pearson
 
 
 def ate_scatter(

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import scvi
+import torch
+
+import sams_scvi
+
+
+@pytest.fixture(autouse=True)
+def _settings():
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = 0
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+TRAIN_KW = {"enable_progress_bar": False, "log_every_n_steps": 1}
+
+
+@pytest.fixture(scope="session")
+def tapseq():
+    """The bundled TAP-seq screen, subsampled to keep training fast (all multi-target cells kept)."""
+    adata = sams_scvi.data.schraivogel2020_tapseq()
+    rng = np.random.default_rng(0)
+    labels = adata.obs["perturbation"].astype(str)
+    combos = np.flatnonzero(labels.str.contains("+", regex=False))
+    others = rng.choice(np.flatnonzero(~labels.str.contains("+", regex=False)), 4000, replace=False)
+    return adata[np.sort(np.concatenate([combos, others]))].copy()
+
+
+@pytest.fixture(scope="session")
+def trained_tapseq(tapseq):
+    """A SAMSVAE trained briefly on the TAP-seq subset, with validation history."""
+    scvi.settings.seed = 0
+    adata = tapseq.copy()
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=16, n_hidden=128)
+    model.train(max_epochs=150, check_val_every_n_epoch=1, **TRAIN_KW)
+    return model, adata

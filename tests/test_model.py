@@ -1,0 +1,172 @@
+"""SAMSVAE end to end on the bundled real TAP-seq screen."""
+
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+
+import sams_scvi
+
+from .conftest import TRAIN_KW
+
+
+def test_training_improves_elbo(trained_tapseq):
+    model, _ = trained_tapseq
+    train = model.history["elbo_train"]["elbo_train"].to_numpy()
+    val = model.history["elbo_validation"]["elbo_validation"].to_numpy()
+    assert train[-1] < train[0] - 5  # negative ELBO per cell, in nats
+    assert val[-1] < val[0]
+    assert np.isfinite(model.get_elbo(indices=np.arange(200)))
+    assert model.history["kl_weight"]["kl_weight"].to_numpy().min() == 1.0  # no KL warm-up
+
+
+def test_iwelbo_bounds_elbo(trained_tapseq):
+    model, _ = trained_tapseq
+    cells = model.validation_indices[:300]
+    iwelbo = model.get_marginal_ll(indices=cells, n_mc_samples=50)
+    per_cell = model.get_marginal_ll(indices=cells, n_mc_samples=50, return_mean=False)
+    assert per_cell.shape == (len(cells),)
+    assert np.isclose(per_cell.mean(), iwelbo)
+    reconstruction = model.get_reconstruction_error(indices=cells)["reconstruction_loss"]
+    assert iwelbo < -float(reconstruction) + 1.0  # a bound on log p(x): below the reconstruction term's level
+    # IWELBO >= ELBO on the same cells with the same globals (the ELBO adds the global KL on top)
+    assert iwelbo >= model.get_elbo(indices=cells, n_samples=50)
+
+
+def test_latents(trained_tapseq):
+    model, adata = trained_tapseq
+    basal = model.get_latent()
+    perturbed = model.get_latent(representation="perturbed")
+    assert basal.shape == perturbed.shape == (adata.n_obs, 16)
+    assert np.all(np.isfinite(basal))
+    controls = np.flatnonzero(adata.obs["perturbation"].astype(str) == "control")
+    np.testing.assert_allclose(basal[controls], perturbed[controls])
+    np.testing.assert_allclose(model.get_latent_representation(indices=controls[:5]), basal[controls[:5]], atol=1e-5)
+    with pytest.raises(ValueError, match="representation"):
+        model.get_latent(representation="after")
+
+
+def test_predict_perturbation(trained_tapseq):
+    model, adata = trained_tapseq
+    obs_before, x_before = adata.obs.copy(), adata.X.copy()
+    sources = np.flatnonzero(adata.obs["perturbation"].astype(str) == "control")[:20]
+    labels = ["control", "CPQ", "CPQ+FAM83A", "GATA1+MYC"]
+    pred = model.predict_perturbation(labels, indices=sources, n_samples=5, progress_bar=False)
+    assert pred.shape == (20 * 4, adata.n_vars)
+    assert list(pred.var_names) == list(adata.var_names)
+    assert list(pred.obs["perturbation"][:4]) == labels
+    assert pred.obs_names[1] == f"{adata.obs_names[sources[0]]}_CPQ"
+    assert pred.obs["source_cell"].iloc[0] == adata.obs_names[sources[0]]
+    assert pred.uns["sams_scvi"]["control_value"] == "control" and pred.uns["sams_scvi"]["delimiter"] == "+"
+    assert np.all(np.isfinite(pred.X)) and np.all(pred.X >= 0)
+    np.testing.assert_allclose(pred.X.sum(1), 1e4, rtol=1e-4)
+    # the counterfactual moves the gene most affected by CPQ (per the model's ATE) in the ATE's direction
+    ate = model.estimate_ate(["CPQ"], n_samples=300, progress_bar=False).to_df().iloc[0]
+    gene = ate.abs().idxmax()
+    shift = (
+        pred[pred.obs["perturbation"] == "CPQ", gene].X.mean()
+        - pred[pred.obs["perturbation"] == "control", gene].X.mean()
+    )
+    assert np.sign(shift) == np.sign(ate[gene])
+    counts = model.predict_perturbation(["CPQ"], indices=sources, expression="counts", progress_bar=False)
+    assert np.all(counts.X % 1 == 0)
+    # the user's data is untouched
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    assert (adata.X != x_before).nnz == 0
+    with pytest.raises(ValueError, match="'NOTAGENE'"):
+        model.predict_perturbation(["NOTAGENE"], indices=sources, progress_bar=False)
+
+
+def test_estimate_ate_against_data(trained_tapseq):
+    model, adata = trained_tapseq
+    ate = model.estimate_ate(n_samples=500, progress_bar=False)
+    state = model.adata_manager.get_state_registry("perturbation")
+    assert list(ate.obs_names) == list(state["observed_labels"])
+    assert list(ate.var_names) == list(adata.var_names)
+    assert ate.uns["control"] == "control"
+    assert np.all(np.isfinite(ate.X)) and np.all(ate.layers["mc_se"] >= 0)
+    assert ate.obs.loc["CPQ", "n_cells"] == (adata.obs["perturbation"] == "CPQ").sum()
+
+    observed = sams_scvi.metrics.observed_ate(adata)
+    singles = [p for p in observed.obs_names if "+" not in p]
+    assert sams_scvi.metrics.ate_pearson(ate, observed, perturbations=singles) > 0.2
+    # the knocked-down target genes are predicted down
+    targets = [p for p in singles if p in adata.var_names]
+    assert np.mean([ate[p, p].X.item() < 0 for p in targets]) > 0.5
+
+    seen = set(adata.obs["perturbation"].astype(str))
+    pair = next(
+        f"{a}+{b}" for a in model.perturbations for b in model.perturbations if a < b and f"{a}+{b}" not in seen
+    )
+    unseen = model.estimate_ate([pair, "STK3"], n_samples=200, library_size="median", progress_bar=False)
+    assert list(unseen.obs_names) == [pair, "STK3"] and unseen.obs.loc[pair, "n_cells"] == 0
+    assert np.all(np.isfinite(unseen.X))
+    with pytest.raises(ValueError, match="'XYZ'"):
+        model.estimate_ate(["XYZ"], progress_bar=False)
+
+
+def test_save_load_roundtrip(trained_tapseq, tmp_path):
+    model, adata = trained_tapseq
+    model.save(tmp_path / "model", save_anndata=False)
+    loaded = sams_scvi.SAMSVAE.load(tmp_path / "model", adata=adata)
+    np.testing.assert_allclose(loaded.get_latent(), model.get_latent(), rtol=1e-5, atol=1e-6)
+    a = model.estimate_ate(["CPQ", "CPQ+GATA1"], n_samples=100, seed=3, progress_bar=False)
+    b = loaded.estimate_ate(["CPQ", "CPQ+GATA1"], n_samples=100, seed=3, progress_bar=False)
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+
+    new = adata.copy()
+    new.var_names = [f"gene{i}" for i in range(new.n_vars)]
+    with pytest.raises(ValueError, match="genes"):
+        sams_scvi.SAMSVAE.load(tmp_path / "model", adata=new)
+    with pytest.raises(ValueError, match="genes"):
+        sams_scvi.SAMSVAE.load(tmp_path / "model", adata=adata[:, :10].copy())
+
+
+def test_transfer_to_new_anndata(trained_tapseq):
+    model, adata = trained_tapseq
+    new = adata[:50].copy()
+    new.obs["perturbation"] = ["CPQ+GATA1"] * 25 + ["control"] * 25
+    z = model.get_latent(new)
+    assert z.shape == (50, 16)
+    unknown = adata[:5].copy()
+    unknown.obs["perturbation"] = "UNKNOWN"
+    with pytest.raises(ValueError, match="UNKNOWN"):
+        model.get_latent(unknown)
+
+
+def test_no_control_cells(tapseq):
+    adata = tapseq[tapseq.obs["perturbation"].astype(str) != "control"].copy()
+    with pytest.warns(UserWarning, match="control"):
+        sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+    with pytest.raises(ValueError, match="control cells"):
+        model.estimate_ate(progress_bar=False)
+
+
+def test_batch_covariates_and_mudata(tapseq):
+    adata = tapseq[:1500].copy()
+    adata.obs["replicate"] = np.where(np.arange(adata.n_obs) % 2, "r1", "r2")
+    mdata = md.MuData({"rna": adata})
+    mdata.obs["perturbation"] = adata.obs["perturbation"].astype(str).to_numpy()
+    mdata.obs["replicate"] = adata.obs["replicate"].to_numpy()
+    sams_scvi.SAMSVAE.setup_mudata(
+        mdata, perturbation_key="perturbation", batch_key="replicate", modalities={"rna_layer": "rna"}
+    )
+    model = sams_scvi.SAMSVAE(mdata, n_latent=4, n_hidden=16)
+    assert model.module.decoder_covariates.n_cats_per_cov == [2]
+    model.train(max_epochs=2, **TRAIN_KW)
+    assert model.get_latent().shape == (1500, 4)
+    ate = model.estimate_ate(["CPQ"], n_samples=50, progress_bar=False)
+    assert ate.shape == (1, adata.n_vars) and np.all(np.isfinite(ate.X))
+    pred = model.predict_perturbation(["CPQ"], progress_bar=False, n_samples=2)
+    assert pred.n_vars == adata.n_vars
+
+
+def test_mean_field_variants_train(tapseq):
+    adata = tapseq[:1000].copy()
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16, guide="mean_field", mean_field_encoder=True)
+    model.train(max_epochs=2, **TRAIN_KW)
+    assert np.all(np.isfinite(model.get_latent()))
+    assert model.get_perturbation_embeddings().shape == (len(model.perturbations), 4)
