@@ -11,8 +11,10 @@ def test_recovers_true_ates_and_sparse_masks():
     adata = sams_scvi.data.simulate_sams(n_perturbations=10, n_latent=10, effect_size=4.0, seed=0)
     truth = adata.uns["simulation"]
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    model = sams_scvi.SAMSVAE(adata, n_latent=10)
-    model.train(max_epochs=100, **TRAIN_KW)
+    # A sparse start and a faster rate for the per-perturbation variational parameters let the masks settle
+    # within ~1k steps; at the reference's settings they stay near 0.5 that early (docs/model.md).
+    model = sams_scvi.SAMSVAE(adata, n_latent=10, mask_init_logit=-2.0)
+    model.train(max_epochs=100, plan_kwargs={"global_lr_factor": 30.0}, **TRAIN_KW)
 
     ate = model.estimate_ate(n_samples=2000, progress_bar=False)
     r = sams_scvi.metrics.ate_pearson(ate, truth["ate"])

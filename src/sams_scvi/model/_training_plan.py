@@ -51,10 +51,10 @@ class SAMSTrainingPlan(TrainingPlan):
     * the number of training cells per perturbation, :math:`n_t`, which weights each perturbation's global KL
       (spec §3.1). Validation steps use the validation split's own counts, as in the reference.
 
-    It also trains the free per-perturbation variational parameters (mask logits, embedding parameters) with
+    It can also train the free per-perturbation variational parameters (mask logits, embedding parameters) with
     learning rate ``lr * global_lr_factor``: a mask logit must travel from 0 to about logit(alpha) = -4.6 and
-    Adam moves it by at most ``lr`` per step, which at the network's learning rate takes tens of thousands of
-    steps (spec §9.5). The objective is unchanged.
+    Adam moves it by at most ``lr`` per step, which takes thousands of steps (spec §9.5). The objective is
+    unchanged; the default (1) is the reference's single learning rate.
 
     Parameters
     ----------
@@ -66,7 +66,7 @@ class SAMSTrainingPlan(TrainingPlan):
         Arguments of :class:`scvi.train.TrainingPlan`.
     """
 
-    def __init__(self, module, *, global_lr_factor: float = 30.0, **kwargs) -> None:
+    def __init__(self, module, *, global_lr_factor: float = 1.0, **kwargs) -> None:
         super().__init__(module, **kwargs)
         self.global_lr_factor = global_lr_factor
 

@@ -68,8 +68,9 @@ class SAMSModule(BaseModuleClass):
     n_particles
         Monte-Carlo particles per training step.
     mask_init_logit
-        Initial logit of every mask posterior entry. The reference uses 0 (probability 0.5); -2 (0.12) reaches
-        sparse masks in far fewer steps on simulated data with no loss of ATE accuracy (see the docs).
+        Initial logit of every mask posterior entry (0, probability 0.5, as the reference). A sparse start
+        (e.g. -2) recovers sparse masks in fewer steps but can leave weak perturbations without any active
+        dimension; see ``docs/model.md`` for measurements.
     gumbel_temperature
         Temperature of the relaxed Bernoulli.
     """
@@ -89,7 +90,7 @@ class SAMSModule(BaseModuleClass):
         embedding_encoder_n_hidden: int = 200,
         embedding_encoder_n_layers: int = 2,
         n_particles: int = 5,
-        mask_init_logit: float = -2.0,
+        mask_init_logit: float = 0.0,
         gumbel_temperature: float = 1.0,
     ) -> None:
         super().__init__()
