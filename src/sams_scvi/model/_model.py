@@ -166,10 +166,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             ),
             CategoricalJointObsField(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        _warn_if_no_controls(adata_manager)
-        cls.register_manager(adata_manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     @classmethod
     def setup_mudata(
@@ -214,9 +211,20 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 mod_key=modalities.categorical_covariate_keys,
             ),
         ]
+        cls._register(mdata, fields, setup_method_args, **kwargs)
+
+    @classmethod
+    def _register(cls, data, fields: list, setup_method_args: dict, **kwargs) -> None:
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(mdata, **kwargs)
-        _warn_if_no_controls(adata_manager)
+        adata_manager.register_fields(data, **kwargs)
+        state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+        if state["n_control_cells"] == 0:
+            warnings.warn(
+                f"No cells are labelled {state['control_value']!r}: the model can be trained, but average treatment "
+                "effects (estimate_ate) need control cells to define the unperturbed state.",
+                UserWarning,
+                stacklevel=4,
+            )
         cls.register_manager(adata_manager)
 
     # ------------------------------------------------------------------ training
@@ -253,7 +261,8 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         accelerator, devices
             Lightning device selection (``"auto"`` uses a GPU when one is present).
         plan_kwargs
-            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` / :class:`scvi.train.TrainingPlan`.
+            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``) and
+            :class:`scvi.train.TrainingPlan`.
             Defaults here differ from scvi-tools' where the paper does: Adam ``eps=1e-8`` (scvi's 0.01 would
             swamp the small per-step gradients of the global variables), ``weight_decay=1e-6``, and **no KL
             warm-up** (``n_epochs_kl_warmup=None``).
@@ -499,9 +508,8 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     values = sample_negative_binomial(gen["mu"], gen["theta"])[0]
                 blocks.append(values.reshape(-1, values.shape[-1]).cpu().numpy())
 
-        source_obs = adata.obs.iloc[indices]
-        source_obs = source_obs.loc[:, [c for c in source_obs.columns if not str(c).startswith("_scvi")]]
-        obs = source_obs.loc[np.repeat(source_obs.index.to_numpy(), len(perturbations))].copy()
+        columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi")]
+        obs = adata.obs.iloc[np.repeat(indices, len(perturbations))][columns].copy()
         obs["source_cell"] = obs.index.astype(str)
         labels = np.tile(np.asarray(perturbations, dtype=object), len(indices))
         obs[perturbation_key] = pd.Categorical(labels, categories=list(dict.fromkeys(perturbations)))
@@ -717,17 +725,6 @@ def _check_counts(x) -> None:
         raise ValueError("The count matrix has negative values; SAMS-VAE models raw UMI counts.")
     if not np.all(np.isfinite(values)):
         raise ValueError("The count matrix has NaN or infinite values; SAMS-VAE models raw UMI counts.")
-
-
-def _warn_if_no_controls(adata_manager: AnnDataManager) -> None:
-    state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
-    if state["n_control_cells"] == 0:
-        warnings.warn(
-            f"No cells are labelled {state['control_value']!r}: the model can be trained, but average treatment "
-            "effects (estimate_ate) need control cells to define the unperturbed state.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:
