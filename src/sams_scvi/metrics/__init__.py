@@ -1,5 +1,7 @@
-"""Evaluation of perturbation models on any AnnData."""
+"""Evaluation of perturbation models on any AnnData: ATEs, their agreement, splits and baselines."""
 
-from ._ate import ate_pearson, observed_ate, perturbseq_scale
+from ._ate import ate_metrics, ate_pearson, observed_ate, perturbseq_scale
+from ._baselines import baseline_ate
+from ._splits import combination_split
 
-__all__ = ["ate_pearson", "observed_ate", "perturbseq_scale"]
+__all__ = ["ate_metrics", "ate_pearson", "baseline_ate", "combination_split", "observed_ate", "perturbseq_scale"]

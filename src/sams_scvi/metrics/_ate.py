@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -10,12 +11,15 @@ from anndata import AnnData
 from scipy import sparse
 
 
-def perturbseq_scale(x, target_sum: float = 1e4) -> np.ndarray:
-    """The paper's expression scale :math:`\\log_2(1 + 10^4 x / \\sum_g x_g)` of a (cells x genes) count block."""
+def perturbseq_scale(x, target_sum: float = 1e4, log: Literal["log2", "log1p"] = "log2") -> np.ndarray:
+    """Expression scale of a (cells x genes) count block: :math:`\\log_2(1 + 10^4 x / \\sum_g x_g)` (the paper's).
+
+    ``log="log1p"`` gives the natural-log variant, scanpy's ``normalize_total`` followed by ``log1p``.
+    """
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
     x = x.astype(np.float64)
-    totals = x.sum(1, keepdims=True)
-    return np.log2(1 + target_sum * x / np.maximum(totals, 1))
+    normalized = target_sum * x / np.maximum(x.sum(1, keepdims=True), 1)
+    return np.log2(1 + normalized) if log == "log2" else np.log1p(normalized)
 
 
 def observed_ate(
@@ -24,6 +28,8 @@ def observed_ate(
     control_value: str = "control",
     perturbations: Sequence[str] | None = None,
     layer: str | None = None,
+    indices: Sequence[int] | None = None,
+    scale: Literal["log2", "log1p"] = "log2",
     chunk_size: int = 10_000,
 ) -> AnnData:
     """Data average treatment effects: mean of each label's cells minus mean of the control cells.
@@ -41,6 +47,10 @@ def observed_ate(
         Labels to report; default, every non-control label.
     layer
         Layer holding the counts (default ``X``).
+    indices
+        Cells to use (positions); default, all cells.
+    scale
+        ``"log2"``: :math:`\\log_2(1 + 10^4 x / \\sum x)` (the paper's); ``"log1p"``: natural log.
     chunk_size
         Cells per chunk.
 
@@ -51,18 +61,24 @@ def observed_ate(
     """
     if perturbation_key not in adata.obs:
         raise KeyError(f"{perturbation_key!r} is not a column of adata.obs.")
+    if scale not in ("log2", "log1p"):
+        raise ValueError("`scale` must be 'log2' or 'log1p'.")
     labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
-    if not (labels == control_value).any():
+    selected = np.zeros(adata.n_obs, dtype=bool)
+    selected[np.arange(adata.n_obs) if indices is None else np.asarray(indices)] = True
+    present = set(labels[selected])
+    if control_value not in present:
         raise ValueError(f"No cells are labelled {control_value!r}; the ATE needs control cells.")
     if perturbations is None:
-        perturbations = sorted(set(labels) - {control_value})
+        perturbations = sorted(present - {control_value})
     perturbations = [str(p) for p in perturbations]
-    missing = sorted(set(perturbations) - set(labels))
+    missing = sorted(set(perturbations) - present)
     if missing:
         raise ValueError(f"No cells are labelled {missing[:10]}.")
     groups = [control_value, *perturbations]
     group_of = pd.Series(np.arange(len(groups)), index=groups)
-    codes = pd.Series(labels).map(group_of).to_numpy(dtype=float)
+    codes = np.array(pd.Series(labels).map(group_of), dtype=float)
+    codes[~selected] = np.nan
     x = adata.layers[layer] if layer is not None else adata.X
     sums = np.zeros((len(groups), adata.n_vars))
     counts = np.zeros(len(groups))
@@ -72,7 +88,7 @@ def observed_ate(
         if not keep.any():
             continue
         rows = np.arange(start, min(start + chunk_size, adata.n_obs))[keep]
-        y = perturbseq_scale(x[rows])
+        y = perturbseq_scale(x[rows], log=scale)
         g = block_codes[keep].astype(int)
         np.add.at(sums, g, y)
         counts += np.bincount(g, minlength=len(groups))
@@ -81,12 +97,51 @@ def observed_ate(
         X=(means[1:] - means[:1]).astype(np.float32),
         obs=pd.DataFrame({"n_cells": counts[1:].astype(int)}, index=pd.Index(perturbations, name="perturbation")),
         var=pd.DataFrame(index=adata.var_names.copy()),
-        uns={"control": control_value, "n_control_cells": int(counts[0]), "scale": "log2(1 + 1e4 * x / sum(x))"},
+        uns={"control": control_value, "n_control_cells": int(counts[0]), "scale": f"{scale}(1 + 1e4 * x / sum(x))"},
     )
 
 
 def _as_frame(ate: AnnData | pd.DataFrame) -> pd.DataFrame:
     return ate.to_df() if isinstance(ate, AnnData) else ate
+
+
+def _aligned(
+    predicted: AnnData | pd.DataFrame, observed: AnnData | pd.DataFrame, perturbations: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Predicted and observed ATE matrices on shared perturbations (rows) and genes (columns)."""
+    pred, obs = _as_frame(predicted), _as_frame(observed)
+    rows = list(perturbations) if perturbations is not None else [p for p in obs.index if p in pred.index]
+    missing = [p for p in rows if p not in pred.index or p not in obs.index]
+    if missing:
+        raise ValueError(f"Perturbations missing from one of the tables: {missing[:10]}")
+    if not rows:
+        raise ValueError("The tables share no perturbations.")
+    genes = obs.columns.intersection(pred.columns)
+    if len(genes) == 0:
+        raise ValueError("The tables share no genes.")
+    return pred.loc[rows, genes].to_numpy(dtype=float), obs.loc[rows, genes].to_numpy(dtype=float), rows
+
+
+def _top_k(pred: np.ndarray, obs: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep, per perturbation (row), the ``top_k`` genes with the largest observed ``|ATE|``."""
+    if top_k > obs.shape[1]:
+        raise ValueError(f"top_k={top_k} exceeds the {obs.shape[1]} shared genes.")
+    top = np.argpartition(-np.abs(obs), top_k - 1, axis=1)[:, :top_k]
+    return np.take_along_axis(pred, top, axis=1), np.take_along_axis(obs, top, axis=1)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _r2(pred: np.ndarray, obs: np.ndarray) -> float:
+    """Coefficient of determination with the observed values as truth (as sklearn's ``r2_score``)."""
+    residual = ((obs - pred) ** 2).sum()
+    total = ((obs - obs.mean()) ** 2).sum()
+    return float(1 - residual / total) if total > 0 else float("nan")
 
 
 def ate_pearson(
@@ -106,20 +161,55 @@ def ate_pearson(
     perturbations
         Subset of perturbations; default, those in both tables.
     """
-    pred, obs = _as_frame(predicted), _as_frame(observed)
-    rows = list(perturbations) if perturbations is not None else [p for p in obs.index if p in pred.index]
-    missing = [p for p in rows if p not in pred.index or p not in obs.index]
-    if missing or not rows:
-        raise ValueError(
-            f"Perturbations missing from one of the tables: {missing[:10]}" if missing else "No shared perturbations."
-        )
-    genes = obs.columns.intersection(pred.columns)
-    if top_k is not None and top_k > len(genes):
-        raise ValueError(f"top_k={top_k} exceeds the {len(genes)} shared genes.")
-    p = pred.loc[rows, genes].to_numpy(dtype=float)
-    o = obs.loc[rows, genes].to_numpy(dtype=float)
+    pred, obs, _ = _aligned(predicted, observed, perturbations)
     if top_k is not None:
-        top = np.argpartition(-np.abs(o), top_k - 1, axis=1)[:, :top_k]
-        p = np.take_along_axis(p, top, axis=1)
-        o = np.take_along_axis(o, top, axis=1)
-    return float(np.corrcoef(p.ravel(), o.ravel())[0, 1])
+        pred, obs = _top_k(pred, obs, top_k)
+    return _pearson(pred, obs)
+
+
+def ate_metrics(
+    predicted: AnnData | pd.DataFrame,
+    observed: AnnData | pd.DataFrame,
+    top_k: int = 20,
+    perturbations: Sequence[str] | None = None,
+) -> pd.Series:
+    """Agreement of predicted and observed ATEs, as the paper and the wider field report it.
+
+    Pooled over perturbations x genes (the paper's protocol) and averaged per perturbation:
+
+    * ``pearson``, ``r2``: all genes, pooled (R² with the observed ATE as truth);
+    * ``pearson_top{k}``, ``r2_top{k}``: each perturbation's ``top_k`` genes by observed ``|ATE|``, pooled;
+    * ``pearson_per_perturbation``, ``pearson_top{k}_per_perturbation``: mean over perturbations of the
+      per-perturbation Pearson r ("Pearson delta");
+    * ``direction_agreement_top{k}``: fraction of top-k entries whose predicted sign matches the observed one.
+
+    Parameters
+    ----------
+    predicted, observed
+        Perturbations x genes ATE tables (AnnData or DataFrame); rows and genes are matched by name.
+    top_k
+        Genes kept per perturbation for the top-k metrics.
+    perturbations
+        Subset of perturbations; default, those in both tables.
+
+    Returns
+    -------
+    The metrics, plus ``n_perturbations``.
+    """
+    pred, obs, rows = _aligned(predicted, observed, perturbations)
+    pred_top, obs_top = _top_k(pred, obs, top_k)
+    k = top_k
+    return pd.Series(
+        {
+            "pearson": _pearson(pred, obs),
+            "r2": _r2(pred, obs),
+            f"pearson_top{k}": _pearson(pred_top, obs_top),
+            f"r2_top{k}": _r2(pred_top, obs_top),
+            "pearson_per_perturbation": float(np.nanmean([_pearson(p, o) for p, o in zip(pred, obs, strict=True)])),
+            f"pearson_top{k}_per_perturbation": float(
+                np.nanmean([_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)])
+            ),
+            f"direction_agreement_top{k}": float((np.sign(pred_top) == np.sign(obs_top)).mean()),
+            "n_perturbations": len(rows),
+        }
+    )
