@@ -150,3 +150,18 @@ def test_split_errors():
     singles_only = adata[~adata.obs["perturbation"].str.contains("+", regex=False)].copy()
     with pytest.raises(ValueError, match="combination"):
         metrics.combination_split(singles_only, 0.5)
+
+
+def test_mask_recovery_is_permutation_invariant_and_hand_computed():
+    true = pd.DataFrame([[1, 0, 0], [1, 1, 0], [0, 0, 1]], index=["A", "B", "C"])
+    permuted = true.iloc[[2, 0, 1], [2, 0, 1]].set_axis([0, 1, 2], axis=1)  # rows reordered, columns permuted
+    perfect = metrics.mask_recovery(permuted.astype(float), true)
+    assert perfect["f1"] == 1.0 and perfect["precision"] == 1.0 and perfect["recall"] == 1.0
+    # one extra active entry, one missed, and an extra learned dimension
+    learned = np.array([[0.9, 0.1, 0.0, 0.8], [0.9, 0.2, 0.1, 0.0], [0.0, 0.0, 0.7, 0.0]])
+    result = metrics.mask_recovery(learned, true.to_numpy())
+    # matched: learned 0 <-> true 0 (2 shared), learned 2 <-> true 2 (1 shared); true 1 (B) is missed
+    assert result["precision"] == pytest.approx(3 / 4) and result["recall"] == pytest.approx(3 / 4)
+    assert result["f1"] == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="missing"):
+        metrics.mask_recovery(permuted.drop(index="A"), true)

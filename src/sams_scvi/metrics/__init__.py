@@ -2,6 +2,15 @@
 
 from ._ate import ate_metrics, ate_pearson, observed_ate, perturbseq_scale
 from ._baselines import baseline_ate
+from ._masks import mask_recovery
 from ._splits import combination_split
 
-__all__ = ["ate_metrics", "ate_pearson", "baseline_ate", "combination_split", "observed_ate", "perturbseq_scale"]
+__all__ = [
+    "ate_metrics",
+    "ate_pearson",
+    "baseline_ate",
+    "combination_split",
+    "mask_recovery",
+    "observed_ate",
+    "perturbseq_scale",
+]

@@ -684,13 +684,16 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None = None,
         return_mean: bool = True,
         seed: int | None = 0,
+        n_samples_per_pass: int = 25,
         **kwargs,
     ) -> float | np.ndarray:
         """Importance-weighted ELBO (the paper's IWELBO) of held-out cells, in nats per cell.
 
         The globals are drawn once from :math:`q` (``n_mc_samples`` samples) and shared by all cells; only the
         basal state is importance-weighted: :math:`\\log \\frac{1}{S}\\sum_s \\exp[\\log p(x \\mid z^{(s)})
-        + \\log p(z^{b(s)}) - \\log q(z^{b(s)} \\mid \\cdot)]` (spec §5.1).
+        + \\log p(z^{b(s)}) - \\log q(z^{b(s)} \\mid \\cdot)]` (spec §5.1). Samples are decoded
+        ``n_samples_per_pass`` at a time, so memory is bounded by ``n_samples_per_pass x batch_size x genes``.
+        Returns the mean over cells, or per-cell values (``return_mean=False``).
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
@@ -698,7 +701,14 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         with _seeded(seed, self.device):
             globals_ = self.module.sample_globals(n_mc_samples)
             for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-                log_w = self._log_weights(tensors, globals_)
+                log_w = torch.cat(
+                    [
+                        self._log_weights(
+                            tensors, {k: v[start : start + n_samples_per_pass] for k, v in globals_.items()}
+                        )
+                        for start in range(0, n_mc_samples, n_samples_per_pass)
+                    ]
+                )
                 values.append((torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).cpu().numpy())
         values = np.concatenate(values)
         return float(values.mean()) if return_mean else values
