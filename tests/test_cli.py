@@ -36,3 +36,11 @@ def test_train_and_predict_on_h5ad(tapseq, tmp_path, capsys):
     assert set(pred.obs["perturbation"]) == {"CPQ", "CPQ+GATA1"}
     assert np.all(np.isfinite(pred.X))
     assert main(["predict", str(tmp_path / "m")]) == 2
+
+    metrics_path = tmp_path / "metrics.csv"
+    code = main(["evaluate", str(tmp_path / "m"), "--n-samples", "20", "--output", str(metrics_path), "--quiet"])
+    assert code == 0
+    table = pd.read_csv(metrics_path, index_col=[0, 1])
+    assert set(table.index.get_level_values(0)) == {"SAMS-VAE", "control", "additive", "mean_perturbed"}
+    assert set(table.index.get_level_values(1)) == {"train", "validation", "all"}
+    assert np.isfinite(table.loc[("SAMS-VAE", "validation"), "iwelbo"])

@@ -176,3 +176,28 @@ def test_mean_field_variants_train(tapseq):
     model.train(max_epochs=2, **TRAIN_KW)
     assert np.all(np.isfinite(model.get_latent()))
     assert model.get_perturbation_embeddings().shape == (len(model.perturbations), 4)
+
+
+def test_evaluate_model_and_baselines_on_a_combination_split(tapseq):
+    adata = tapseq.copy()
+    split = sams_scvi.metrics.combination_split(adata, 0.5, seed=0)
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=8, n_hidden=64)
+    model.train(max_epochs=3, datasplitter_kwargs={"external_indexing": split}, **TRAIN_KW)
+    np.testing.assert_array_equal(np.sort(model.test_indices), split[2])
+
+    table = sams_scvi.evaluate(model, adata, n_ate_samples=100, n_iwelbo_samples=10, progress_bar=False)
+    assert list(table.index) == ["train", "validation", "test", "all"]
+    assert table.loc["test", "n_cells"] == len(split[2])
+    assert np.all(np.isfinite(table[["iwelbo", "pearson", "r2", "pearson_top20"]].to_numpy(dtype=float)))
+    test_labels = set(adata.obs["perturbation"].iloc[split[2]])
+    assert table.loc["test", "n_perturbations"] == len(test_labels)
+
+    additive = sams_scvi.evaluate("additive", adata, split, subsets=["test"], progress_bar=False)
+    assert np.isnan(additive.loc["test", "iwelbo"]) and np.isfinite(additive.loc["test", "pearson"])
+    zero = sams_scvi.evaluate("control", adata, split, subsets=["test"], progress_bar=False)
+    assert zero.loc["test", "direction_agreement_top20"] == 0.0
+    with pytest.raises(ValueError, match="no test cells"):
+        sams_scvi.evaluate("additive", adata, [split[0], split[1], []], progress_bar=False)
+    with pytest.raises(ValueError, match="needs `split`"):
+        sams_scvi.evaluate("additive", adata)

@@ -3,9 +3,10 @@
 from importlib.metadata import version
 
 from . import data, metrics, pl
+from .metrics import evaluate
 from .model import SAMSVAE
 from .module import SAMSModule
 
 __version__ = version("sams-scvi")
 
-__all__ = ["SAMSModule", "SAMSVAE", "data", "metrics", "pl"]
+__all__ = ["SAMSModule", "SAMSVAE", "data", "evaluate", "metrics", "pl"]

@@ -1,10 +1,12 @@
-"""Command line: ``sams-scvi demo | train | predict``."""
+"""Command line: ``sams-scvi demo | train | predict | evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -54,6 +56,29 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"Wrote {pred.n_obs} predicted profiles to {args.output}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    import anndata as ad
+
+    from .metrics import evaluate
+    from .model import SAMSVAE
+
+    model = SAMSVAE.load(args.model)
+    adata = model.adata if args.adata is None else ad.read_h5ad(args.adata)
+    split = [model.train_indices, model.validation_indices, model.test_indices]
+    subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
+    tables = {
+        "SAMS-VAE": evaluate(
+            model, adata, split, subsets=subsets, n_ate_samples=args.n_samples, progress_bar=not args.quiet
+        )
+    }
+    for baseline in args.baselines:
+        tables[baseline] = evaluate(baseline, adata, split, subsets=subsets, progress_bar=False)
+    table = pd.concat(tables, names=["predictor"])
+    table.to_csv(args.output)
+    print(table.round(3).to_string())
+    print(f"Wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sams-scvi`` argument parser."""
     parser = argparse.ArgumentParser(prog="sams-scvi", description="SAMS-VAE for single-cell perturbation screens.")
@@ -88,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--n-samples", default=2500, type=int)
     predict.add_argument("--quiet", action="store_true")
     predict.set_defaults(func=_predict)
+    evaluate = sub.add_parser("evaluate", help="metrics of a saved model (and baselines) on its own split")
+    evaluate.add_argument("model", type=Path, help="folder written by 'sams-scvi train'")
+    evaluate.add_argument("--adata", type=Path, default=None, help="h5ad to evaluate on (default: the saved one)")
+    evaluate.add_argument("--baselines", nargs="*", default=["control", "additive", "mean_perturbed"])
+    evaluate.add_argument("--n-samples", default=2500, type=int, help="Monte-Carlo samples of the model's ATE")
+    evaluate.add_argument("--output", type=Path, default=Path("metrics.csv"))
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

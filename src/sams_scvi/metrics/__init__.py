@@ -2,6 +2,7 @@
 
 from ._ate import ate_metrics, ate_pearson, observed_ate, perturbseq_scale
 from ._baselines import baseline_ate
+from ._evaluate import evaluate
 from ._masks import mask_recovery
 from ._splits import combination_split
 
@@ -10,6 +11,7 @@ __all__ = [
     "ate_pearson",
     "baseline_ate",
     "combination_split",
+    "evaluate",
     "mask_recovery",
     "observed_ate",
     "perturbseq_scale",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -29,9 +28,8 @@ from sams_scvi.data._perturbation_field import MuDataPerturbationField, Perturba
 from sams_scvi.module import SAMSModule
 from sams_scvi.module._components import sample_negative_binomial
 
+from ._data_splitter import SAMSDataSplitter
 from ._training_plan import SAMSTrainingPlan
-
-logger = logging.getLogger(__name__)
 
 _ATE_TARGET_SUM = 1e4
 
@@ -78,6 +76,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = SAMSModule
     _training_plan_cls = SAMSTrainingPlan
+    _data_splitter_cls = SAMSDataSplitter
 
     def __init__(
         self,
@@ -255,7 +254,8 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Cells per minibatch (512 in the paper).
         train_size, validation_size
             Fractions of cells for training and validation; pass
-            ``datasplitter_kwargs={"external_indexing": [train, val, test]}`` for a fixed split.
+            ``datasplitter_kwargs={"external_indexing": [train, val, test]}`` for a fixed split, e.g. from
+            :func:`sams_scvi.metrics.combination_split` (cells in none of the three are not used).
         early_stopping
             Stop when the validation ELBO stops improving (validation is then run every epoch).
         accelerator, devices

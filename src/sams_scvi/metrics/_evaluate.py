@@ -1,0 +1,106 @@
+"""One entry point: every metric of a model or baseline, per subset of a split, as one tidy table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scvi.utils import track
+
+from sams_scvi.metrics._ate import ate_metrics, observed_ate
+from sams_scvi.metrics._baselines import baseline_ate
+
+SUBSETS = ("train", "validation", "test", "all")
+
+
+def evaluate(
+    predictor,
+    adata: AnnData,
+    split: Sequence[Sequence[int]] | None = None,
+    subsets: Sequence[str] = SUBSETS,
+    perturbation_key: str = "perturbation",
+    control_value: str = "control",
+    delimiter: str = "+",
+    top_k: int = 20,
+    n_ate_samples: int = 2500,
+    n_iwelbo_samples: int = 100,
+    library_size: float | Literal["median"] = 1e4,
+    progress_bar: bool = True,
+) -> pd.DataFrame:
+    """Evaluate a trained model or a baseline on a split, with the paper's protocol (spec §5).
+
+    For each subset of cells (``train``, ``validation``, ``test``, and ``all`` = their union):
+
+    * ``iwelbo``: held-out importance-weighted ELBO in nats per cell (models only; globals sampled once);
+    * the ATE metrics of :func:`~sams_scvi.metrics.ate_metrics` over the perturbations observed in that subset,
+      against data ATEs computed on all cells of ``adata`` (as the paper does).
+
+    Parameters
+    ----------
+    predictor
+        A trained :class:`~sams_scvi.SAMSVAE` (anything with ``estimate_ate`` and ``get_marginal_ll``), or a
+        baseline name for :func:`~sams_scvi.metrics.baseline_ate` (``"control"``, ``"additive"``,
+        ``"mean_perturbed"``), which is fitted on the training cells.
+    adata
+        Raw counts with labels in ``obs[perturbation_key]``.
+    split
+        ``[train, validation, test]`` cell positions, e.g. from :func:`~sams_scvi.metrics.combination_split`.
+        Default: the model's own split.
+    subsets
+        Rows to report; a requested subset without cells raises a :class:`ValueError`.
+    perturbation_key, control_value, delimiter
+        How labels are written.
+    top_k
+        Genes per perturbation of the top-k metrics.
+    n_ate_samples, n_iwelbo_samples, library_size
+        Monte-Carlo sizes and library size of the model's ATE and IWELBO.
+    progress_bar
+        Show a progress bar over subsets.
+
+    Returns
+    -------
+    One row per subset; columns ``n_cells``, ``iwelbo`` and the ATE metrics.
+    """
+    is_baseline = isinstance(predictor, str)
+    if split is None:
+        if is_baseline:
+            raise ValueError("A baseline needs `split` (its training cells).")
+        split = [predictor.train_indices, predictor.validation_indices, predictor.test_indices]
+    if len(split) != 3:
+        raise ValueError("`split` must be [train, validation, test] cell positions.")
+    cells = dict(zip(SUBSETS[:3], (np.asarray(s, dtype=int) for s in split), strict=True))
+    cells["all"] = np.unique(np.concatenate(list(cells.values())))
+    unknown = [s for s in subsets if s not in SUBSETS]
+    if unknown:
+        raise ValueError(f"Unknown subsets {unknown}; choose from {SUBSETS}.")
+    empty = [s for s in subsets if len(cells[s]) == 0]
+    if empty:
+        raise ValueError(f"The split has no {', '.join(empty)} cells; leave them out of `subsets`.")
+
+    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
+    wanted = {s: sorted(set(labels[cells[s]]) - {control_value}) for s in subsets}
+    everything = sorted(set().union(*wanted.values()))
+    observed = observed_ate(adata, perturbation_key, control_value, perturbations=everything)
+    if is_baseline:
+        predicted = baseline_ate(
+            adata, predictor, everything, perturbation_key, control_value, delimiter, indices=cells["train"]
+        )
+    else:
+        predicted = predictor.estimate_ate(
+            everything, n_samples=n_ate_samples, library_size=library_size, progress_bar=False
+        )
+
+    rows = {}
+    for subset in track(subsets, description="Evaluating", disable=not progress_bar):
+        row = {"n_cells": len(cells[subset]), "iwelbo": np.nan}
+        if not is_baseline:
+            row["iwelbo"] = predictor.get_marginal_ll(adata, indices=cells[subset], n_mc_samples=n_iwelbo_samples)
+        if wanted[subset]:
+            row.update(ate_metrics(predicted, observed, top_k=top_k, perturbations=wanted[subset]).to_dict())
+        rows[subset] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "subset"
+    return table

@@ -1,0 +1,27 @@
+"""A data splitter whose fixed split may leave cells out, as the paper's combination splits do."""
+
+from __future__ import annotations
+
+import numpy as np
+from scvi.dataloaders import DataSplitter
+
+
+class SAMSDataSplitter(DataSplitter):
+    """:class:`scvi.dataloaders.DataSplitter` that accepts a partial ``external_indexing``.
+
+    scvi-tools requires ``[train, validation, test]`` to cover every cell; the paper's out-of-distribution
+    splits leave the cells of some combinations unused (spec §5.3). Cells in none of the three sets are
+    simply not loaded.
+    """
+
+    def __init__(self, adata_manager, external_indexing=None, **kwargs) -> None:
+        if external_indexing is None:
+            super().__init__(adata_manager, **kwargs)
+            return
+        split = [np.asarray(idx, dtype=np.int64) for idx in external_indexing]
+        unused = np.setdiff1d(np.arange(adata_manager.adata.n_obs), np.concatenate(split))
+        # let scvi-tools validate a complete index set, then keep the partial one for setup()
+        super().__init__(
+            adata_manager, external_indexing=[split[0], split[1], np.concatenate([split[2], unused])], **kwargs
+        )
+        self.external_indexing = split
