@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 	$(BIN)/sams-scvi demo --output demo_output
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 clean:
