@@ -165,3 +165,42 @@ def test_mask_recovery_is_permutation_invariant_and_hand_computed():
     assert result["f1"] == pytest.approx(3 / 4)
     with pytest.raises(ValueError, match="missing"):
         metrics.mask_recovery(permuted.drop(index="A"), true)
+
+
+def _noisy_screen(seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 1.0, 30)
+    labels, rows = [], []
+    for label, shift in {"control": 0, "A": 3, "B": -3, "A+B": 0}.items():
+        mean = base.copy()
+        if label != "control":
+            mean[:5] *= 2.0 ** (shift / 3) if "+" not in label else 1.0
+        rows.append(rng.poisson(mean * 20, (60, 30)))
+        labels += [label] * 60
+    obs = pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(len(labels))])
+    return ad.AnnData(sparse.csr_matrix(np.vstack(rows).astype(np.float32)), obs=obs)
+
+
+def test_split_half_ceiling():
+    exact = metrics.split_half_ceiling(_additive_screen(n_per_group=4), top_k=2)
+    assert exact["pearson"] == pytest.approx(1.0)  # identical cells: the halves agree exactly
+    noisy = metrics.split_half_ceiling(_noisy_screen(), top_k=5)
+    assert 0.0 < noisy["pearson"] < 1.0 and noisy["pearson_top5"] > noisy["pearson"]
+    halves = metrics.random_halves(np.arange(11), seed=3)
+    assert len(halves[0]) == 5 and len(np.intersect1d(*halves)) == 0 and len(np.union1d(*halves)) == 11
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        metrics.split_half_ceiling(_additive_screen(n_per_group=1))
+
+
+def test_disjoint_controls_in_evaluate():
+    adata = _noisy_screen()
+    cells = np.arange(adata.n_obs)
+    split = [
+        cells[adata.obs["perturbation"] != "A+B"],
+        np.array([], dtype=int),
+        cells[adata.obs["perturbation"] == "A+B"],
+    ]
+    shared = metrics.evaluate("additive", adata, split, subsets=["test"], progress_bar=False)
+    disjoint = metrics.evaluate("additive", adata, split, subsets=["test"], disjoint_controls=True, progress_bar=False)
+    assert np.isfinite(disjoint.loc["test", "pearson"])
+    assert disjoint.loc["test", "pearson"] != shared.loc["test", "pearson"]

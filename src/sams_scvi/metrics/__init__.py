@@ -4,6 +4,7 @@ from ._ate import ate_metrics, ate_pearson, observed_ate, perturbseq_scale
 from ._baselines import baseline_ate
 from ._evaluate import evaluate
 from ._masks import mask_recovery
+from ._noise import random_halves, split_half_ceiling
 from ._splits import combination_split
 
 __all__ = [
@@ -15,4 +16,6 @@ __all__ = [
     "mask_recovery",
     "observed_ate",
     "perturbseq_scale",
+    "random_halves",
+    "split_half_ceiling",
 ]

@@ -1,0 +1,68 @@
+"""How well could any predictor agree with noisy data ATEs? Split-half ceilings and disjoint control halves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from sams_scvi.metrics._ate import ate_metrics, observed_ate
+
+
+def random_halves(cells: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split cell positions into two disjoint random halves (sorted)."""
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(cells))
+    half = len(shuffled) // 2
+    return np.sort(shuffled[:half]), np.sort(shuffled[half:])
+
+
+def split_half_ceiling(
+    adata: AnnData,
+    perturbations: Sequence[str] | None = None,
+    perturbation_key: str = "perturbation",
+    control_value: str = "control",
+    top_k: int = 20,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+) -> pd.Series:
+    """Agreement between the data ATEs of two disjoint halves of the cells: a noise ceiling for every metric.
+
+    Each label's cells and the control cells are split in two at random; the ATEs measured on one half are
+    scored against those of the other with :func:`~sams_scvi.metrics.ate_metrics`. With ~100 cells per
+    condition and a few hundred UMIs per cell this is often far below 1, and a model cannot be expected to
+    beat it (it estimates the agreement of a half-size sample, so it is conservative).
+
+    Parameters
+    ----------
+    adata
+        Raw counts with labels in ``obs[perturbation_key]``.
+    perturbations
+        Labels to score; default, every non-control label with at least 2 cells.
+    perturbation_key, control_value
+        How labels are written.
+    top_k
+        Genes per perturbation of the top-k metrics.
+    indices
+        Cells to use; default, all.
+    seed
+        Seed of the halves.
+    """
+    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
+    cells = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    counts = pd.Series(labels[cells]).value_counts()
+    if perturbations is None:
+        perturbations = sorted(p for p, n in counts.items() if p != control_value and n >= 2)
+    too_few = [p for p in [control_value, *perturbations] if counts.get(p, 0) < 2]
+    if too_few:
+        raise ValueError(f"Split halves need at least 2 cells per label; too few for {too_few[:10]}.")
+    first, second = [], []
+    for label in [control_value, *perturbations]:
+        a, b = random_halves(cells[labels[cells] == label], seed)
+        first.append(a)
+        second.append(b)
+    kwargs = {"perturbation_key": perturbation_key, "control_value": control_value, "perturbations": perturbations}
+    half_a = observed_ate(adata, indices=np.concatenate(first), **kwargs)
+    half_b = observed_ate(adata, indices=np.concatenate(second), **kwargs)
+    return ate_metrics(half_a, half_b, top_k=top_k)
