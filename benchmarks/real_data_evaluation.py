@@ -84,7 +84,9 @@ torch {torch.__version__}, scvi-tools {scvi.__version__}.
 
 Training sees only controls and single targets; the test set is every cell with two or more targets
 ({int(tap.loc["SAMS-VAE", "n_cells"])} cells, {int(tap.loc["SAMS-VAE", "n_perturbations"])} combinations, 1 to 8 cells each, so the
-observed combination ATEs are very noisy).
+observed combination ATEs are very noisy). The ceiling row scores the data against itself (two disjoint halves
+of the cells of the combinations with at least 2 cells); "disjoint controls" fits the additive baseline and measures
+the observed effect with different halves of the control cells.
 
 {markdown(tap)}
 
