@@ -137,6 +137,13 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _mean_defined(values: list[float]) -> float:
+    """Mean of the values that are defined (a constant prediction has no Pearson r); NaN if none is."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def _r2(pred: np.ndarray, obs: np.ndarray) -> float:
     """Coefficient of determination with the observed values as truth (as sklearn's ``r2_score``)."""
     residual = ((obs - pred) ** 2).sum()
@@ -205,9 +212,9 @@ def ate_metrics(
             "r2": _r2(pred, obs),
             f"pearson_top{k}": _pearson(pred_top, obs_top),
             f"r2_top{k}": _r2(pred_top, obs_top),
-            "pearson_per_perturbation": float(np.nanmean([_pearson(p, o) for p, o in zip(pred, obs, strict=True)])),
-            f"pearson_top{k}_per_perturbation": float(
-                np.nanmean([_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)])
+            "pearson_per_perturbation": _mean_defined([_pearson(p, o) for p, o in zip(pred, obs, strict=True)]),
+            f"pearson_top{k}_per_perturbation": _mean_defined(
+                [_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)]
             ),
             f"direction_agreement_top{k}": float((np.sign(pred_top) == np.sign(obs_top)).mean()),
             "n_perturbations": len(rows),
