@@ -59,6 +59,12 @@ fraction {truth["mask"].to_numpy().mean():.2f}), SAMS-VAE with `n_latent=10`, se
 dimensions.
 
 {chr(10).join(lines)}
+
+ATE recovery is good in every setting (r 0.97-0.99), but the masks are not: at the reference settings they stay
+dense (77-79 % active against 24 % true, recall 1, precision 0.3); a sparse start halves the false positives but
+F1 stays near 0.6, short of the 0.9 the evaluation issue targets. Latent dimensions are identified only through the
+mask prior's pressure towards axis-aligned sparse shifts, which is weak per step (the global KL is counted once per
+epoch); the paper's simulations train for many more steps.
 """
     out = Path(__file__).resolve().parents[1] / "docs" / "results_simulation.md"
     out.write_text(text)
