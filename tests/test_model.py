@@ -4,6 +4,7 @@ import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 
 import sams_scvi
 
@@ -51,6 +52,10 @@ def test_latents(trained_tapseq):
     np.testing.assert_allclose(model.get_latent_representation(indices=controls[:5]), basal[controls[:5]], atol=1e-5)
     with pytest.raises(ValueError, match="representation"):
         model.get_latent(representation="after")
+    # the latent space drops into an ordinary scanpy workflow
+    latent = sc.AnnData(basal[:500])
+    sc.pp.neighbors(latent, use_rep="X")
+    assert latent.obsp["connectivities"].shape == (500, 500)
 
 
 def test_predict_perturbation(trained_tapseq):

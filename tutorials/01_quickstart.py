@@ -30,9 +30,11 @@ model.history["elbo_validation"].tail()
 # %% [markdown]
 # ## Basal latent space
 # The basal state removes each cell's perturbation shift, so perturbed and control cells overlap in it.
+# We embed a 4,000-cell subsample (scanpy then computes exact neighbours).
 
 # %%
 latent = sc.AnnData(model.get_latent(), obs=adata.obs[["perturbation"]].copy())
+latent = latent[np.random.default_rng(0).choice(latent.n_obs, 4000, replace=False)].copy()
 sc.pp.neighbors(latent, use_rep="X")
 sc.tl.umap(latent)
 sc.pl.umap(latent, color="perturbation", legend_loc=None)
