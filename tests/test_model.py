@@ -36,7 +36,7 @@ def test_iwelbo_bounds_elbo(trained_tapseq):
     chunked = model.get_marginal_ll(indices=cells, n_mc_samples=50, n_samples_per_pass=7)
     assert abs(chunked - iwelbo) < 1.0  # same estimator, different Monte-Carlo draws
     reconstruction = model.get_reconstruction_error(indices=cells)["reconstruction_loss"]
-    assert iwelbo < -float(reconstruction) + 1.0  # a bound on log p(x): below the reconstruction term's level
+    assert iwelbo < -float(reconstruction) + 1.0  # sanity: the basal KL keeps the bound below E[log p(x | z)]
     # IWELBO >= ELBO on the same cells with the same globals (the ELBO adds the global KL on top)
     assert iwelbo >= model.get_elbo(indices=cells, n_samples=50)
 

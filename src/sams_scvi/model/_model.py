@@ -248,8 +248,8 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         max_epochs
             Number of passes through the training cells; ``None`` uses scvi-tools' heuristic.
         lr
-            Adam learning rate (the paper sweeps 3e-4 over 30k-150k steps; 1e-3, the reference demo's value,
-            reaches the same optimum in fewer steps).
+            Adam learning rate (the paper's sweeps use 3e-4 over 30k-150k steps; 1e-3 is the reference demo's
+            value, chosen here for the shorter runs a CPU affords).
         batch_size
             Cells per minibatch (512 in the paper).
         train_size, validation_size
@@ -637,13 +637,11 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return float(library_size)
 
     def _label_counts(self) -> pd.Series:
-        if self.adata is None:
-            return pd.Series(dtype=int)
+        """Registered cells per label (empty when the model was loaded without data)."""
         key = self.registry_["setup_args"]["perturbation_key"]
-        obs = self.adata.obs if key in self.adata.obs else None
-        if obs is None:
+        if self.adata is None or key not in self.adata.obs:
             return pd.Series(dtype=int)
-        return obs[key].astype(str).str.strip().value_counts()
+        return self.adata.obs[key].astype(str).str.strip().value_counts()
 
     # ------------------------------------------------------------------ likelihood bounds
     @torch.inference_mode()

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sams_scvi.metrics import ate_pearson
+from sams_scvi.metrics._ate import _aligned, _pearson
 
 
 def ate_scatter(
@@ -36,12 +36,8 @@ def ate_scatter(
     """
     import matplotlib.pyplot as plt
 
-    pred = predicted.to_df() if isinstance(predicted, AnnData) else predicted
-    obs = observed.to_df() if isinstance(observed, AnnData) else observed
-    rows = [p for p in obs.index if p in pred.index]
-    genes = obs.columns.intersection(pred.columns)
-    x = obs.loc[rows, genes].to_numpy().ravel()
-    y = pred.loc[rows, genes].to_numpy().ravel()
+    pred, obs, rows = _aligned(predicted, observed, perturbations=None)
+    x, y = obs.ravel(), pred.ravel()
     new_figure = ax is None
     if new_figure:
         _, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -52,8 +48,7 @@ def ate_scatter(
     ax.set_ylim(-lim, lim)
     ax.set_xlabel("observed ATE (log2 scale)")
     ax.set_ylabel("predicted ATE (log2 scale)")
-    r = ate_pearson(pred.loc[rows], obs.loc[rows])
-    ax.set_title(title or f"{len(rows)} perturbations x {len(genes)} genes, r = {r:.2f}")
+    ax.set_title(title or f"{len(rows)} perturbations x {obs.shape[1]} genes, r = {_pearson(x, y):.2f}")
     if show or (show is None and new_figure and plt.isinteractive()):
         plt.show()
     return ax
