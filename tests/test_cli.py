@@ -44,3 +44,10 @@ def test_train_and_predict_on_h5ad(tapseq, tmp_path, capsys):
     assert set(table.index.get_level_values(0)) == {"SAMS-VAE", "control", "additive", "mean_perturbed"}
     assert set(table.index.get_level_values(1)) == {"train", "validation", "all"}
     assert np.isfinite(table.loc[("SAMS-VAE", "validation"), "iwelbo"])
+
+    per_path = tmp_path / "per_perturbation.csv"
+    args = ["evaluate", str(tmp_path / "m"), "--n-samples", "20", "--baselines", "additive", "--per-perturbation"]
+    assert main([*args, "--output", str(per_path), "--quiet"]) == 0
+    per = pd.read_csv(per_path, index_col=[0, 1, 2])
+    assert set(per.index.get_level_values(0)) == {"SAMS-VAE", "additive"}
+    assert "CPQ" in set(per.index.get_level_values(2)) and "pearson_top20" in per.columns

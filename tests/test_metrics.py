@@ -204,3 +204,30 @@ def test_disjoint_controls_in_evaluate():
     disjoint = metrics.evaluate("additive", adata, split, subsets=["test"], disjoint_controls=True, progress_bar=False)
     assert np.isfinite(disjoint.loc["test", "pearson"])
     assert disjoint.loc["test", "pearson"] != shared.loc["test", "pearson"]
+
+
+def test_per_perturbation_metrics_hand_computed():
+    observed = pd.DataFrame([[3.0, -1.0, 0.5], [0.0, 2.0, -4.0]], index=["A", "B"], columns=["g0", "g1", "g2"])
+    predicted = observed.copy()
+    predicted.loc["B"] *= -1  # B exactly wrong, A exactly right
+    table = metrics.ate_metrics_per_perturbation(predicted, observed, top_k=2)
+    assert list(table.index) == ["A", "B"]
+    assert table.loc["A", "pearson"] == pytest.approx(1.0) and table.loc["B", "pearson"] == pytest.approx(-1.0)
+    assert table.loc["A", "r2"] == pytest.approx(1.0) and table.loc["B", "direction_agreement_top2"] == 0.0
+    assert table.loc["B", "observed_norm"] == pytest.approx(np.sqrt(20.0))
+    # pooling the per-perturbation values reproduces the per-perturbation mean of ate_metrics
+    pooled = metrics.ate_metrics(predicted, observed, top_k=2)
+    assert pooled["pearson_per_perturbation"] == pytest.approx(table["pearson"].mean())
+
+
+def test_evaluate_per_perturbation_rows():
+    adata = _additive_screen(n_per_group=4)
+    cells = np.arange(adata.n_obs)
+    labels = adata.obs["perturbation"].to_numpy()
+    split = [cells[labels != "A+B"], np.array([], dtype=int), cells[labels == "A+B"]]
+    table = metrics.evaluate(
+        "additive", adata, split, subsets=["train", "test"], top_k=2, per_perturbation=True, progress_bar=False
+    )
+    assert list(table.index) == [("train", "A"), ("train", "B"), ("test", "A+B")]
+    assert table.loc[("test", "A+B"), "n_cells"] == 4
+    assert table.loc[("test", "A+B"), "pearson"] == pytest.approx(1.0)  # the screen is exactly additive

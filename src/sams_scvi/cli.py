@@ -68,11 +68,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
     tables = {
         "SAMS-VAE": evaluate(
-            model, adata, split, subsets=subsets, n_ate_samples=args.n_samples, progress_bar=not args.quiet
+            model,
+            adata,
+            split,
+            subsets=subsets,
+            n_ate_samples=args.n_samples,
+            per_perturbation=args.per_perturbation,
+            progress_bar=not args.quiet,
         )
     }
     for baseline in args.baselines:
-        tables[baseline] = evaluate(baseline, adata, split, subsets=subsets, progress_bar=False)
+        tables[baseline] = evaluate(
+            baseline, adata, split, subsets=subsets, per_perturbation=args.per_perturbation, progress_bar=False
+        )
     table = pd.concat(tables, names=["predictor"])
     table.to_csv(args.output)
     print(table.round(3).to_string())
@@ -118,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adata", type=Path, default=None, help="h5ad to evaluate on (default: the saved one)")
     evaluate.add_argument("--baselines", nargs="*", default=["control", "additive", "mean_perturbed"])
     evaluate.add_argument("--n-samples", default=2500, type=int, help="Monte-Carlo samples of the model's ATE")
+    evaluate.add_argument("--per-perturbation", action="store_true", help="one row per (subset, perturbation)")
     evaluate.add_argument("--output", type=Path, default=Path("metrics.csv"))
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_evaluate)

@@ -1,6 +1,6 @@
 """Evaluation of perturbation models on any AnnData: ATEs, their agreement, splits and baselines."""
 
-from ._ate import ate_metrics, ate_pearson, observed_ate, perturbseq_scale
+from ._ate import ate_metrics, ate_metrics_per_perturbation, ate_pearson, observed_ate, perturbseq_scale
 from ._baselines import baseline_ate
 from ._evaluate import evaluate
 from ._masks import mask_recovery
@@ -9,6 +9,7 @@ from ._splits import combination_split
 
 __all__ = [
     "ate_metrics",
+    "ate_metrics_per_perturbation",
     "ate_pearson",
     "baseline_ate",
     "combination_split",

@@ -220,3 +220,43 @@ def ate_metrics(
             "n_perturbations": len(rows),
         }
     )
+
+
+def ate_metrics_per_perturbation(
+    predicted: AnnData | pd.DataFrame,
+    observed: AnnData | pd.DataFrame,
+    top_k: int = 20,
+    perturbations: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The metrics of :func:`ate_metrics`, computed separately for each perturbation.
+
+    Parameters
+    ----------
+    predicted, observed
+        Perturbations x genes ATE tables (AnnData or DataFrame); rows and genes are matched by name.
+    top_k
+        Genes kept per perturbation for the top-k metrics.
+    perturbations
+        Subset of perturbations; default, those in both tables.
+
+    Returns
+    -------
+    One row per perturbation: ``pearson``, ``r2`` (all genes), ``pearson_top{k}``, ``r2_top{k}``,
+    ``direction_agreement_top{k}`` and ``observed_norm`` (the Euclidean norm of the observed ATE, to sort
+    perturbations by effect size).
+    """
+    pred, obs, rows = _aligned(predicted, observed, perturbations)
+    pred_top, obs_top = _top_k(pred, obs, top_k)
+    k = top_k
+    table = pd.DataFrame(
+        {
+            "pearson": [_pearson(p, o) for p, o in zip(pred, obs, strict=True)],
+            "r2": [_r2(p, o) for p, o in zip(pred, obs, strict=True)],
+            f"pearson_top{k}": [_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)],
+            f"r2_top{k}": [_r2(p, o) for p, o in zip(pred_top, obs_top, strict=True)],
+            f"direction_agreement_top{k}": (np.sign(pred_top) == np.sign(obs_top)).mean(axis=1),
+            "observed_norm": np.linalg.norm(obs, axis=1),
+        },
+        index=pd.Index(rows, name="perturbation"),
+    )
+    return table

@@ -10,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 from scvi.utils import track
 
-from sams_scvi.metrics._ate import ate_metrics, observed_ate
+from sams_scvi.metrics._ate import ate_metrics, ate_metrics_per_perturbation, observed_ate
 from sams_scvi.metrics._baselines import baseline_ate
 from sams_scvi.metrics._noise import random_halves
 
@@ -30,6 +30,7 @@ def evaluate(
     n_iwelbo_samples: int = 100,
     library_size: float | Literal["median"] = 1e4,
     disjoint_controls: bool = False,
+    per_perturbation: bool = False,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -64,6 +65,9 @@ def evaluate(
         Split the control cells in two random halves: a baseline is fitted with one, the observed ATEs use the
         other. Otherwise a data-derived baseline (e.g. additive ΔA + ΔB) and the observed effect share the
         control mean, whose noise inflates their agreement.
+    per_perturbation
+        Return one row per (subset, perturbation) with :func:`~sams_scvi.metrics.ate_metrics_per_perturbation`
+        and the perturbation's number of cells in the subset, instead of one pooled row per subset.
     seed
         Seed of the control halves.
     progress_bar
@@ -71,7 +75,8 @@ def evaluate(
 
     Returns
     -------
-    One row per subset; columns ``n_cells``, ``iwelbo`` and the ATE metrics.
+    One row per subset; columns ``n_cells``, ``iwelbo`` and the ATE metrics. With ``per_perturbation``, rows
+    indexed by ``(subset, perturbation)`` with ``n_cells`` and the per-perturbation ATE metrics.
     """
     is_baseline = isinstance(predictor, str)
     if split is None:
@@ -106,6 +111,19 @@ def evaluate(
         predicted = predictor.estimate_ate(
             everything, n_samples=n_ate_samples, library_size=library_size, progress_bar=False
         )
+
+    if per_perturbation:
+        tables = {}
+        for subset in track(subsets, description="Evaluating", disable=not progress_bar):
+            if not wanted[subset]:
+                continue
+            table = ate_metrics_per_perturbation(predicted, observed, top_k=top_k, perturbations=wanted[subset])
+            counts = pd.Series(labels[cells[subset]]).value_counts()
+            table.insert(0, "n_cells", counts.reindex(table.index).to_numpy())
+            tables[subset] = table
+        if not tables:
+            raise ValueError("No perturbed cells in the requested subsets.")
+        return pd.concat(tables, names=["subset", "perturbation"])
 
     rows = {}
     for subset in track(subsets, description="Evaluating", disable=not progress_bar):
