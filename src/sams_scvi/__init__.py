@@ -3,10 +3,23 @@
 from importlib.metadata import version
 
 from . import data, metrics, pl
+from ._compare import compare_models, paper_models
 from .metrics import evaluate
-from .model import SAMSVAE
+from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
 from .module import SAMSModule
 
 __version__ = version("sams-scvi")
 
-__all__ = ["SAMSModule", "SAMSVAE", "data", "evaluate", "metrics", "pl"]
+__all__ = [
+    "CPAVAE",
+    "ConditionalVAE",
+    "SAMSModule",
+    "SAMSVAE",
+    "SVAEPlus",
+    "compare_models",
+    "data",
+    "evaluate",
+    "metrics",
+    "paper_models",
+    "pl",
+]

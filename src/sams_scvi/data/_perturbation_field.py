@@ -19,6 +19,7 @@ def parse_perturbations(
     dosages: Sequence[str] | pd.Series | None = None,
     vocabulary: Sequence[str] | None = None,
     label_source: str = "labels",
+    unique_combinations: bool = False,
 ) -> tuple[sparse.csr_matrix, list[str]]:
     """Parse perturbation labels such as ``"control"``, ``"A"`` or ``"A+B"`` into a design matrix.
 
@@ -43,6 +44,9 @@ def parse_perturbations(
         pass. If ``None``, the sorted set of atomic perturbations in ``labels`` is used.
     label_source
         How to name the labels in error messages, e.g. ``"obs['perturbation']"``.
+    unique_combinations
+        Encode every distinct label, combinations included, as its own treatment (one-hot rows; the paper's
+        ``encode_combos_as_unique``). Such a design cannot express unseen combinations.
 
     Returns
     -------
@@ -63,7 +67,12 @@ def parse_perturbations(
     else:
         dosages = pd.Series([""] * len(labels))
     codes, uniques = pd.factorize(pd.MultiIndex.from_arrays([labels, dosages]))
-    parsed = [_parse_label(label, dosage, control_value, delimiter) for label, dosage in uniques]
+    if unique_combinations:
+        if any(dosage not in ("nan", "None", "") for _, dosage in uniques):
+            raise ValueError("Dosages cannot be combined with unique encoding of combinations.")
+        parsed = [{} if label.strip() == control_value else {label.strip(): 1.0} for label, _ in uniques]
+    else:
+        parsed = [_parse_label(label, dosage, control_value, delimiter) for label, dosage in uniques]
 
     if vocabulary is None:
         vocabulary = sorted({name for atoms in parsed for name in atoms})
@@ -72,10 +81,13 @@ def parse_perturbations(
     unknown = sorted({name for atoms in parsed for name in atoms if name not in column})
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise ValueError(
-            f"{label_source} contains perturbations the model was not trained on: {shown}. The model has no "
-            "embedding for them; it can predict new combinations of known perturbations only."
+        hint = (
+            "With unique encoding of combinations every label is its own treatment, so unseen combinations "
+            "cannot be predicted; set up the data with encode_combinations='additive' to predict them."
+            if unique_combinations
+            else "The model has no embedding for them; it can predict new combinations of known perturbations only."
         )
+        raise ValueError(f"{label_source} contains perturbations the model was not trained on: {shown}. {hint}")
 
     # One sparse row per unique label, then gather rows by code.
     rows, cols, vals = [], [], []
@@ -145,6 +157,9 @@ class PerturbationField(BaseAnnDataField):
         Separator of combinations.
     dosage_key
         Optional column of ``adata.obs`` with per-perturbation dosages (``"1+0.5"``).
+    encode_combinations
+        ``"additive"``: a combination's row is the sum of its perturbations' rows. ``"unique"``: every distinct
+        label is its own treatment (one-hot design), as SVAE+ requires.
     """
 
     def __init__(
@@ -154,10 +169,14 @@ class PerturbationField(BaseAnnDataField):
         control_value: str = "control",
         delimiter: str = "+",
         dosage_key: str | None = None,
+        encode_combinations: str = "additive",
     ) -> None:
         super().__init__()
         if not delimiter:
             raise ValueError("`delimiter` must be a non-empty string.")
+        if encode_combinations not in ("additive", "unique"):
+            raise ValueError(f"`encode_combinations` must be 'additive' or 'unique', not {encode_combinations!r}.")
+        self.encode_combinations = encode_combinations
         self._registry_key = registry_key
         self.perturbation_key = perturbation_key
         self.control_value = control_value
@@ -195,6 +214,7 @@ class PerturbationField(BaseAnnDataField):
             dosages=dosages,
             vocabulary=vocabulary,
             label_source=f"adata.obs[{self.perturbation_key!r}]",
+            unique_combinations=self.encode_combinations == "unique",
         )
         adata.obsm[self.attr_key] = design
         return design, vocabulary
@@ -207,6 +227,7 @@ class PerturbationField(BaseAnnDataField):
             "vocabulary": vocabulary,
             "control_value": self.control_value,
             "delimiter": self.delimiter,
+            "encode_combinations": self.encode_combinations,
             "observed_labels": [str(label) for label in observed],
             "n_control_cells": int(is_control.sum()),
         }

@@ -1,6 +1,7 @@
-"""User-facing models of :mod:`sams_scvi`."""
+"""User-facing models of :mod:`sams_scvi`: SAMS-VAE and the paper's comparison models."""
 
-from ._model import SAMSVAE
+from ._base import BasePerturbationModel
+from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
 from ._training_plan import SAMSTrainingPlan
 
-__all__ = ["SAMSVAE", "SAMSTrainingPlan"]
+__all__ = ["BasePerturbationModel", "CPAVAE", "ConditionalVAE", "SAMSTrainingPlan", "SAMSVAE", "SVAEPlus"]

@@ -103,7 +103,7 @@ class SAMSTrainingPlan(TrainingPlan):
 
     def on_validation_epoch_start(self) -> None:
         if getattr(self, "_validation_counts", None) is not None:
-            self.loss_kwargs["perturbation_counts"] = self._validation_counts.to(self.module.mask_logits.device)
+            self.loss_kwargs["perturbation_counts"] = self._validation_counts.to(self.module.x_log_mean.device)
 
     def on_validation_epoch_end(self) -> None:
         self.loss_kwargs.pop("perturbation_counts", None)

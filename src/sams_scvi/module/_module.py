@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -16,11 +15,10 @@ from ._components import (
     CovariateEmbedding,
     GaussianMLP,
     ResidualMLP,
-    bernoulli_log_prob,
     negative_binomial_log_prob_parts,
-    relaxed_bernoulli_straight_through,
     sample_negative_binomial,
 )
+from ._mechanisms import MechanismName, build_mechanism
 
 _MEAN_EPS = 1e-4  # the reference's Gamma-Poisson rate theta / (mu + 1e-4): the NB mean is mu + 1e-4
 
@@ -42,6 +40,18 @@ class SAMSModule(BaseModuleClass):
     straight-through relaxed Bernoulli, a ``"correlated"`` (:math:`q(e_t \mid m_t, t)`, an MLP) or ``"mean_field"``
     (free location and scale) embedding posterior, and a basal encoder on log-standardised counts that, unless
     ``mean_field_encoder``, also sees the sampled offset :math:`D(M \odot E)`.
+
+    The paper's comparison models share everything here and differ only in ``mechanism``
+    (:mod:`sams_scvi.module._mechanisms`), i.e. in how the latent shift is built and what is global:
+
+    ================  ==========================================  ===============================================
+    ``mechanism``     latent                                      encoder / decoder
+    ================  ==========================================  ===============================================
+    ``"sparse"``      SAMS-VAE: :math:`z = z_b + D(M \odot E)`    encoder sees :math:`x` [and the offset]
+    ``"dense"``       CPA-VAE: :math:`z = z_b + D E`               encoder sees :math:`x` [and the offset]
+    ``"sparse_point"`` SVAE+: :math:`z \sim N(D(M \odot \mu), I)`  :math:`q(z \mid x)`, no treatment input
+    ``"none"``        conditional VAE: :math:`z \sim N(0, I)`      encoder and decoder see :math:`D`
+    ================  ==========================================  ===============================================
 
     Parameters
     ----------
@@ -73,6 +83,10 @@ class SAMSModule(BaseModuleClass):
         dimension; see ``docs/model.md`` for measurements.
     gumbel_temperature
         Temperature of the relaxed Bernoulli.
+    mechanism
+        The latent-shift model (table above); the SAMS-specific arguments apply to ``"sparse"``.
+    mask_prior_beta
+        :math:`\beta` of SVAE+'s :math:`\mathrm{Beta}(1, \beta)` prior on mask probabilities.
     """
 
     def __init__(
@@ -92,89 +106,90 @@ class SAMSModule(BaseModuleClass):
         n_particles: int = 5,
         mask_init_logit: float = 0.0,
         gumbel_temperature: float = 1.0,
+        mechanism: MechanismName = "sparse",
+        mask_prior_beta: float = 2.0,
     ) -> None:
         super().__init__()
-        if guide not in ("correlated", "mean_field"):
-            raise ValueError(f"`guide` must be 'correlated' or 'mean_field', not {guide!r}.")
-        if not 0.0 < mask_prior_prob < 1.0:
-            raise ValueError("`mask_prior_prob` must be in (0, 1).")
         self.n_input = n_input
         self.n_perturbations = n_perturbations
         self.n_latent = n_latent
-        self.guide = guide
-        self.mean_field_encoder = mean_field_encoder
         self.n_particles = n_particles
-        self.gumbel_temperature = gumbel_temperature
+        self.mechanism_name = mechanism
+        # SVAE+ encodes the perturbed latent z from the counts alone; the others encode z_b.
+        self.encodes_basal = mechanism != "sparse_point"
+        self.mean_field_encoder = mean_field_encoder or mechanism == "sparse_point"
+        self.treatment_in_networks = mechanism == "none"  # the conditional VAE's encoder and decoder see D
 
-        # Fixed priors and data statistics (buffers: saved with the model, moved with .to()).
-        self.register_buffer("mask_prior_logit", torch.tensor(math.log(mask_prior_prob / (1 - mask_prior_prob))))
-        self.register_buffer("embedding_prior_scale", torch.tensor(float(embedding_prior_scale)))
+        # Fixed data statistics (buffers: saved with the model, moved with .to()).
         self.register_buffer("x_log_mean", torch.zeros(n_input))
         self.register_buffer("x_log_std", torch.ones(n_input))
         self.register_buffer("normalization_fitted", torch.tensor(False))
         self.register_buffer("train_perturbation_counts", torch.zeros(n_perturbations))
 
-        # q(M): free Bernoulli logits.
-        self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
-        # q(E | M) or q(E).
-        if guide == "correlated":
-            self.embedding_encoder = GaussianMLP(
-                n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers
-            )
-            self.perturbation_onehot = nn.Embedding(n_perturbations, embedding_encoder_n_hidden)
-        else:
-            self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
-            self.embedding_log_scale = nn.Parameter(torch.zeros(n_perturbations, n_latent))
-        # q(z_b | x [, D(M*E)]).
+        # Globals and their guide: q(M) q(E | M) for SAMS-VAE, and the comparison models' counterparts.
+        mechanism_kwargs = {
+            "sparse": {
+                "mask_prior_prob": mask_prior_prob,
+                "embedding_prior_scale": embedding_prior_scale,
+                "guide": guide,
+                "embedding_encoder_n_hidden": embedding_encoder_n_hidden,
+                "embedding_encoder_n_layers": embedding_encoder_n_layers,
+                "mask_init_logit": mask_init_logit,
+                "gumbel_temperature": gumbel_temperature,
+            },
+            "dense": {"embedding_prior_scale": embedding_prior_scale},
+            "sparse_point": {
+                "mask_prior_beta": mask_prior_beta,
+                "mask_init_logit": mask_init_logit,
+                "gumbel_temperature": gumbel_temperature,
+            },
+            "none": {},
+        }.get(mechanism, {})
+        self.mechanism = build_mechanism(mechanism, n_perturbations, n_latent, **mechanism_kwargs)
+        # q(z_b | x [, D(M*E)]), q(z | x) for SVAE+, or q(z | x, D) for the conditional VAE.
         self.basal_encoder = GaussianMLP(n_input, n_latent, n_hidden, n_layers)
-        self.offset_projection = None if mean_field_encoder else nn.Linear(n_latent, n_hidden, bias=False)
-        # p(x | z, c).
+        self.offset_projection = None
+        self.design_projection = None
+        if self.treatment_in_networks and not mean_field_encoder:
+            self.design_projection = nn.Linear(n_perturbations, n_hidden, bias=False)
+        elif not self.mean_field_encoder and not self.treatment_in_networks:
+            self.offset_projection = nn.Linear(n_latent, n_hidden, bias=False)
+        # p(x | z, c [, D]).
         self.decoder = ResidualMLP(n_latent, n_hidden, n_layers)
         self.decoder_covariates = CovariateEmbedding(n_cats_per_cov or [], n_hidden)
+        self.decoder_design = nn.Linear(n_perturbations, n_hidden, bias=False) if self.treatment_in_networks else None
         self.decoder_head = nn.Linear(n_hidden, n_input)
         self.log_dispersion = nn.Parameter(torch.zeros(n_input))
 
     # ------------------------------------------------------------------ global variables
     def global_variational_parameters(self) -> list[nn.Parameter]:
         """Free per-perturbation variational parameters (mask logits; embedding location/scale or one-hot rows)."""
-        if self.guide == "correlated":
-            return [self.mask_logits, self.perturbation_onehot.weight]
-        return [self.mask_logits, self.embedding_loc, self.embedding_log_scale]
+        return self.mechanism.variational_parameters()
 
-    def embedding_posterior(self, mask: torch.Tensor) -> Normal:
-        """:math:`q(E \\mid M)` for masks of shape (S, T, K) (the mean-field guide ignores ``mask``)."""
-        if self.guide == "correlated":
-            return self.embedding_encoder(mask, shift=self.perturbation_onehot.weight)
-        scale = self.embedding_log_scale.exp() + 1e-4
-        return Normal(self.embedding_loc, scale)
+    @property
+    def mask_logits(self) -> torch.Tensor:
+        """Mask posterior logits :math:`\\lambda` (T, K); only for mechanisms with masks."""
+        if not self.mechanism.has_mask:
+            raise AttributeError(f"The {self.mechanism_name!r} mechanism has no masks.")
+        return self.mechanism.mask_logits
 
     def sample_globals(self, n_particles: int) -> dict[str, torch.Tensor]:
-        """Draw ``(M, E) ~ q`` per particle; returns ``mask``, ``embedding`` (S, T, K) and ``kl`` (S, T).
+        """Draw the globals from q per particle: ``shift`` (S, T, K), ``kl`` (S, T) and the mechanism's variables.
 
-        ``kl[s, t]`` is the single-sample estimate :math:`\\sum_k \\log q(e_{tk}, m_{tk}) - \\log p(e_{tk}, m_{tk})`.
+        ``kl[s, t]`` is the single-sample estimate :math:`\\sum_k \\log q - \\log p` of perturbation ``t``'s globals
+        (for SAMS-VAE, of :math:`(m_{tk}, e_{tk})`).
         """
-        logits = self.mask_logits.expand(n_particles, -1, -1)
-        mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
-        q_embedding = self.embedding_posterior(mask)
-        embedding = q_embedding.rsample() if self.guide == "correlated" else q_embedding.rsample((n_particles,))
-        p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
-        log_q = q_embedding.log_prob(embedding) + bernoulli_log_prob(mask, logits)
-        log_p = p_embedding.log_prob(embedding) + bernoulli_log_prob(mask, self.mask_prior_logit)
-        return {"mask": mask, "embedding": embedding, "kl": (log_q - log_p).sum(-1)}
+        return self.mechanism.sample(n_particles)
 
     @torch.no_grad()
     def point_globals(self) -> dict[str, torch.Tensor]:
-        """Posterior point estimate: mask mode :math:`1[\\sigma(\\lambda) > 0.5]` and the mean of q(E | mode)."""
-        mask = (self.mask_logits > 0).to(self.mask_logits.dtype)[None]
-        embedding = self.embedding_posterior(mask).mean
-        if embedding.dim() == 2:
-            embedding = embedding[None]
-        return {"mask": mask, "embedding": embedding}
+        """Posterior point estimate (SAMS-VAE: mask mode :math:`1[\\sigma(\\lambda) > 0.5]`, mean of q(E | mode))."""
+        return self.mechanism.point()
 
     @staticmethod
-    def latent_offset(design: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """:math:`D (M \\odot E)`: design (n, T) or (..., n, T), globals (S, T, K) -> offset (S, n, K)."""
-        return torch.matmul(design, mask * embedding)
+    def latent_offset(design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """:math:`D (M \\odot E)`: design (n, T) or (..., n, T), shifts (S, T, K) -> offset (S, n, K)."""
+        return torch.matmul(design, shift)
 
     # ------------------------------------------------------------------ scvi-tools module interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
@@ -187,6 +202,7 @@ class SAMSModule(BaseModuleClass):
             "z": inference_outputs["z"],
             "library": inference_outputs["library"],
             "covariates": self.covariate_codes(tensors),
+            "design": tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY],
         }
 
     @staticmethod
@@ -209,29 +225,49 @@ class SAMSModule(BaseModuleClass):
     ) -> dict:
         """Sample globals (unless given), the offset :math:`D(M \\odot E)` and :math:`z_b \\sim q(z_b \\mid \\cdot)`.
 
-        Returns ``z_basal`` and ``z`` of shape (S, n, K), the basal posterior ``qz``, the ``offset``, the
-        observed ``library`` (n,) and the ``globals`` dictionary.
+        Returns ``z_basal`` and ``z`` of shape (S, n, K), the encoder's posterior ``qz`` and its sample
+        ``z_encoded`` (``z_basal``, or ``z`` for SVAE+), the ``offset``, the observed ``library`` (n,) and the
+        ``globals`` dictionary.
         """
         if global_samples is None:
             global_samples = self.sample_globals(n_samples or self.n_particles)
-        n_particles = global_samples["mask"].shape[0]
-        offset = self.latent_offset(design, global_samples["mask"], global_samples["embedding"])
-        shift = None if self.offset_projection is None else self.offset_projection(offset)
+        n_particles = global_samples["shift"].shape[0]
+        offset = self.latent_offset(design, global_samples["shift"])
+        shift = None
+        if self.offset_projection is not None:
+            shift = self.offset_projection(offset)
+        elif self.design_projection is not None:
+            shift = self.design_projection(design)
         qz = self.basal_encoder(self.normalize(x), shift=shift)
-        z_basal = qz.rsample() if shift is not None else qz.rsample((n_particles,))
+        z_encoded = qz.rsample() if qz.loc.dim() == 3 else qz.rsample((n_particles,))
+        z_basal, z = (z_encoded, z_encoded + offset) if self.encodes_basal else (z_encoded - offset, z_encoded)
         return {
             "qz": qz,
+            "z_encoded": z_encoded,
             "z_basal": z_basal,
-            "z": z_basal + offset,
+            "z": z,
             "offset": offset,
             "library": x.sum(-1),
             "globals": global_samples,
         }
 
     @auto_move_data
-    def generative(self, z: torch.Tensor, library: torch.Tensor, covariates: torch.Tensor | None = None) -> dict:
-        """Decode :math:`z` (..., n, K) into expression proportions ``rho``, NB means ``mu`` and ``theta`` (G,)."""
-        h = self.decoder(z, shift=self.decoder_covariates(covariates))
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        design: torch.Tensor | None = None,
+    ) -> dict:
+        """Decode :math:`z` (..., n, K) into expression proportions ``rho``, NB means ``mu`` and ``theta`` (G,).
+
+        ``design`` (n, T) is read only by the conditional VAE, whose decoder sees the treatment.
+        """
+        shift = self.decoder_covariates(covariates)
+        if self.decoder_design is not None:
+            design_shift = self.decoder_design(design)
+            shift = design_shift if shift is None else shift + design_shift
+        h = self.decoder(z, shift=shift)
         log_rho = torch.log_softmax(self.decoder_head(h), dim=-1)
         mu = library[..., None] * log_rho.exp() + _MEAN_EPS
         return {"log_rho": log_rho, "mu": mu, "theta": self.log_dispersion.exp()}
@@ -257,8 +293,8 @@ class SAMSModule(BaseModuleClass):
         count_only, mean_part = negative_binomial_log_prob_parts(
             x, generative_outputs["mu"], generative_outputs["theta"]
         )
-        z_basal = inference_outputs["z_basal"]
-        kl_basal = (inference_outputs["qz"].log_prob(z_basal) - Normal(0.0, 1.0).log_prob(z_basal)).sum(-1)
+        log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
+        kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         return count_only + mean_part, kl_basal
 
     def loss(
@@ -278,7 +314,11 @@ class SAMSModule(BaseModuleClass):
             loss=loss,
             reconstruction_loss=-log_likelihood.mean(0),
             kl_local={"kl_basal": kl_basal.mean(0), "kl_global_share": kl_global.mean(0)},
-            extra_metrics={"mask_active_fraction": (self.mask_logits.detach() > 0).float().mean()},
+            extra_metrics=(
+                {"mask_active_fraction": (self.mask_logits.detach() > 0).float().mean()}
+                if self.mechanism.has_mask
+                else {}
+            ),
         )
 
     @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""SAMSVAE: the user-facing scvi-tools model (data registration, training recipe, predictions)."""
+"""The user-facing scvi-tools machinery shared by SAMS-VAE and its comparison models."""
 
 from __future__ import annotations
 
@@ -34,69 +34,33 @@ from ._training_plan import SAMSTrainingPlan
 _ATE_TARGET_SUM = 1e4
 
 
-class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
-    r"""Sparse Additive Mechanism Shift VAE for single-cell perturbation screens.
+class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """What SAMS-VAE and its comparison models share: registration, training recipe, predictions, metrics.
 
-    Each perturbation :math:`t` shifts the basal latent state by a sparse vector :math:`m_t \odot e_t`, and
-    combinations add their shifts: :math:`z = z_b + D (M \odot E)` (Bereket & Karaletsos, NeurIPS 2023).
-    See :class:`~sams_scvi.module.SAMSModule` for the model and guides.
-
-    Parameters
-    ----------
-    adata
-        AnnData (or MuData) registered with :meth:`setup_anndata` (or :meth:`setup_mudata`).
-    registry
-        A saved registry, to build the model without data (used by :meth:`load` with ``adata=False``).
-    n_latent
-        Latent dimension ``K``.
-    n_hidden, n_layers
-        Width and depth of the encoder and decoder.
-    mask_prior_prob
-        Prior probability :math:`\alpha` that a perturbation acts on a latent dimension.
-    embedding_prior_scale
-        Prior scale of the perturbation embeddings.
-    guide
-        ``"correlated"`` (the paper's headline :math:`q(E \mid M)`) or ``"mean_field"``.
-    mean_field_encoder
-        If ``False`` (default), the basal encoder also sees the sampled perturbation offset.
-    n_particles
-        Monte-Carlo particles per training step.
-    **module_kwargs
-        Further arguments of :class:`~sams_scvi.module.SAMSModule` (e.g. ``embedding_encoder_n_hidden``,
-        ``mask_init_logit``).
-
-    Examples
-    --------
-    >>> adata = sams_scvi.data.schraivogel2020_tapseq()
-    >>> sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
-    >>> model = sams_scvi.SAMSVAE(adata)
-    >>> model.train()
-    >>> ate = model.estimate_ate()
+    Subclasses build a :class:`~sams_scvi.module.SAMSModule` with their ``mechanism`` (how perturbations shift
+    the latent space) in ``__init__`` via :meth:`_build_module`; everything else is common.
     """
 
     _module_cls = SAMSModule
     _training_plan_cls = SAMSTrainingPlan
     _data_splitter_cls = SAMSDataSplitter
+    _display_name = "perturbation VAE"
+    _one_hot_only = False
 
-    def __init__(
-        self,
-        adata: AnnData | None = None,
-        registry: dict | None = None,
-        n_latent: int = 32,
-        n_hidden: int = 400,
-        n_layers: int = 1,
-        mask_prior_prob: float = 0.01,
-        embedding_prior_scale: float = 1.0,
-        guide: Literal["correlated", "mean_field"] = "correlated",
-        mean_field_encoder: bool = False,
-        n_particles: int = 5,
-        **module_kwargs,
-    ) -> None:
-        super().__init__(adata, registry)
+    def _build_module(self, n_latent: int, n_hidden: int, n_layers: int, n_particles: int, **module_kwargs) -> None:
+        """Create ``self.module`` from the registered data's sizes and the given settings."""
         field_registries = self.registry_["field_registries"]
         n_cats_per_cov = [self.summary_stats.n_batch]
         cat_covs_state = field_registries.get(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
         n_cats_per_cov += list(cat_covs_state.get("n_cats_per_key", []))
+        if self._one_hot_only and self.adata is not None:
+            design = sparse.csr_matrix(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
+            if design.getnnz(axis=1).max(initial=0) > 1:
+                raise ValueError(
+                    f"{self._display_name} needs one treatment per cell, but some cells carry combinations. Set up "
+                    f"the data with {type(self).__name__}.setup_anndata(..., encode_combinations='unique'); the "
+                    "model then cannot predict unseen combinations."
+                )
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_perturbations=self.summary_stats.n_perturbations,
@@ -104,19 +68,14 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             n_hidden=n_hidden,
             n_layers=n_layers,
             n_cats_per_cov=n_cats_per_cov,
-            mask_prior_prob=mask_prior_prob,
-            embedding_prior_scale=embedding_prior_scale,
-            guide=guide,
-            mean_field_encoder=mean_field_encoder,
             n_particles=n_particles,
             **module_kwargs,
         )
         self._model_summary_string = (
-            f"SAMS-VAE: {self.summary_stats.n_perturbations} perturbations, n_latent={n_latent}, "
-            f"n_hidden={n_hidden}, n_layers={n_layers}, guide={guide}, mean_field_encoder={mean_field_encoder}, "
-            f"mask_prior_prob={mask_prior_prob}, n_particles={n_particles}"
+            f"{self._display_name}: {self.summary_stats.n_perturbations} perturbations, n_latent={n_latent}, "
+            f"n_hidden={n_hidden}, n_layers={n_layers}, n_particles={n_particles}, "
+            + ", ".join(f"{k}={v}" for k, v in module_kwargs.items())
         )
-        self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -131,6 +90,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         layer: str | None = None,
         batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
+        encode_combinations: Literal["additive", "unique"] = "additive",
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -154,6 +114,11 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         %(param_layer)s
         %(param_batch_key)s
         %(param_cat_cov_keys)s
+        encode_combinations
+            ``"additive"`` (default): a combination's design row is the sum of its perturbations' rows, so
+            unseen combinations of seen perturbations can be predicted. ``"unique"``: every distinct label is
+            its own treatment (one-hot; required by :class:`~sams_scvi.SVAEPlus`, the paper's
+            ``encode_combos_as_unique``).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         _check_counts(adata.layers[layer] if layer is not None else adata.X)
@@ -161,7 +126,12 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
             PerturbationField(
-                SAMS_REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key, control_value, delimiter, dosage_key
+                SAMS_REGISTRY_KEYS.PERTURBATION_KEY,
+                perturbation_key,
+                control_value,
+                delimiter,
+                dosage_key,
+                encode_combinations,
             ),
             CategoricalJointObsField(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
@@ -178,6 +148,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         rna_layer: str | None = None,
         batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
+        encode_combinations: Literal["additive", "unique"] = "additive",
         modalities: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
@@ -202,6 +173,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 control_value,
                 delimiter,
                 dosage_key,
+                encode_combinations,
                 mod_key=modalities.perturbation_key,
             ),
             MuDataCategoricalJointObsField(
@@ -321,7 +293,24 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             delimiter=state["delimiter"],
             vocabulary=state["vocabulary"],
             label_source="`perturbations`",
+            unique_combinations=state.get("encode_combinations") == "unique",
         )
+        untrained = np.asarray(self.module.train_perturbation_counts.cpu() == 0)
+        if self.is_trained_ and untrained.any():
+            unseen = [label for label, row in zip(labels, design, strict=True) if untrained[row.indices].any()]
+            if unseen:
+                warnings.warn(
+                    f"{len(unseen)} requested labels (e.g. {unseen[:3]}) involve treatments without training cells; "
+                    "their effect is the untrained initial value, not a prediction"
+                    + (
+                        ". With encode_combinations='unique' a combination is a treatment of its own, so unseen "
+                        "combinations cannot be predicted."
+                        if state.get("encode_combinations") == "unique"
+                        else "."
+                    ),
+                    UserWarning,
+                    stacklevel=3,
+                )
         return torch.as_tensor(design.toarray(), device=self.device)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
@@ -384,8 +373,11 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
             z = out["qz"].loc
             z = z[0] if z.dim() == 3 else z
+            offset = out["offset"][0]
+            if not self.module.encodes_basal:  # SVAE+ encodes the perturbed state
+                z = z - offset
             if representation == "perturbed":
-                z = z + out["offset"][0]
+                z = z + offset
             latents.append(z.cpu().numpy())
         return np.concatenate(latents)
 
@@ -398,13 +390,15 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> np.ndarray:
         """Basal latent representation (as :meth:`get_latent` with ``representation="basal"``)."""
         if kwargs.get("give_mean", True) is False or kwargs.get("return_dist", False):
-            raise NotImplementedError("SAMSVAE returns posterior means; use get_latent.")
+            raise NotImplementedError(f"{type(self).__name__} returns posterior means; use get_latent.")
         return self.get_latent(adata, indices, representation="basal", batch_size=batch_size)
 
     @torch.inference_mode()
     def get_mask_probabilities(self) -> pd.DataFrame:
         """Posterior probability :math:`q(m_{tk} = 1)` that perturbation ``t`` acts on latent dimension ``k``."""
-        probs = torch.sigmoid(self.module.mask_logits).cpu().numpy()
+        if not self.module.mechanism.has_mask:
+            raise ValueError(f"{self._display_name} has no masks.")
+        probs = torch.sigmoid(self.module.mask_logits).detach().cpu().numpy()
         return pd.DataFrame(
             probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1])
         )
@@ -412,8 +406,9 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     @torch.inference_mode()
     def get_perturbation_embeddings(self) -> pd.DataFrame:
         """Posterior point estimate of each perturbation's latent shift :math:`m_t \\odot e_t` (perturbations x K)."""
-        globals_ = self.module.point_globals()
-        shift = (globals_["mask"] * globals_["embedding"])[0].cpu().numpy()
+        if self.module.mechanism_name == "none":
+            raise ValueError(f"{self._display_name} has no latent perturbation shifts.")
+        shift = self.module.point_globals()["shift"][0].cpu().numpy()
         return pd.DataFrame(
             shift, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(shift.shape[1])
         )
@@ -492,7 +487,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         blocks = []
         with _seeded(seed, self.device):
             globals_ = self.module.sample_globals(n_draws)
-            shifts = self.module.latent_offset(target_design, globals_["mask"], globals_["embedding"])  # (S, P, K)
+            shifts = self.module.latent_offset(target_design, globals_["shift"])  # (S, P, K)
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):
                 out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
@@ -501,7 +496,7 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 if covariates is not None:
                     covariates = covariates[:, None, :].expand(-1, len(perturbations), -1)
                 library = out["library"][:, None].expand(-1, len(perturbations))
-                gen = self.module.generative(z, library, covariates)
+                gen = self.module.generative(z, library, covariates, design=target_design)
                 if expression == "normalized":
                     values = gen["log_rho"].exp().mean(0) * target_sum
                 else:
@@ -594,11 +589,11 @@ class SAMSVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         with _seeded(seed, self.device):
             for chunk in track(chunks, description="Estimating ATEs", disable=not progress_bar):
                 globals_ = self.module.sample_globals(chunk)
-                offset = self.module.latent_offset(design, globals_["mask"], globals_["embedding"])  # (c, P+1, K)
+                offset = self.module.latent_offset(design, globals_["shift"])  # (c, P+1, K)
                 z = torch.randn_like(offset) + offset
                 covariates = self._sample_covariates((chunk, n_conditions))
                 lib = torch.full((chunk, n_conditions), library, device=self.device)
-                gen = self.module.generative(z, lib, covariates)
+                gen = self.module.generative(z, lib, covariates, design=design)
                 counts = sample_negative_binomial(gen["mu"], gen["theta"])
                 y = torch.log2(1 + _ATE_TARGET_SUM * counts / counts.sum(-1, keepdim=True).clamp(min=1)).double()
                 sums += y.sum(0)

@@ -1,0 +1,227 @@
+r"""How perturbations shift the latent space: the one place where SAMS-VAE and its comparison models differ.
+
+Every mechanism owns the per-perturbation global variables, their variational posterior and prior, and returns,
+per particle, the latent shift of each atomic perturbation and the KL-type term of its globals:
+
+* ``sample(S)`` -> ``{"shift": (S, T, K), "kl": (S, T), ...}``, with
+  :math:`\mathrm{kl}_{st} = \sum_k \log q(\cdot_{tk}) - \log p(\cdot_{tk})` (a single-sample estimate);
+* ``point()`` -> the posterior point estimate, ``{"shift": (1, T, K), ...}``;
+* ``variational_parameters()`` -> the free per-perturbation parameters (for their own learning rate).
+
+A cell's latent offset is then :math:`d_i\,\mathrm{shift}` (see :meth:`SAMSModule.latent_offset`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributions import Beta, Normal
+
+from ._components import GaussianMLP, bernoulli_log_prob, relaxed_bernoulli_straight_through
+
+MechanismName = Literal["sparse", "dense", "sparse_point", "none"]
+
+
+class SparseMechanism(nn.Module):
+    r"""SAMS-VAE: sparse shifts :math:`\mathrm{shift}_t = m_t \odot e_t`.
+
+    Prior :math:`m_{tk} \sim \mathrm{Bern}(\alpha)`, :math:`e_{tk} \sim N(0, \sigma_E^2)`.
+
+    Guide :math:`q(M)\,q(E \mid M)`: free Bernoulli logits sampled by a straight-through relaxed Bernoulli, and
+    either the ``"correlated"`` :math:`q(e_t \mid m_t, t)` (a Gaussian MLP of ``[m_t; onehot(t)]``; the one-hot
+    part is a learned row per perturbation) or the ``"mean_field"`` :math:`q(E)` with free location and scale.
+    """
+
+    has_mask = True
+
+    def __init__(
+        self,
+        n_perturbations: int,
+        n_latent: int,
+        mask_prior_prob: float = 0.01,
+        embedding_prior_scale: float = 1.0,
+        guide: Literal["correlated", "mean_field"] = "correlated",
+        embedding_encoder_n_hidden: int = 200,
+        embedding_encoder_n_layers: int = 2,
+        mask_init_logit: float = 0.0,
+        gumbel_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if guide not in ("correlated", "mean_field"):
+            raise ValueError(f"`guide` must be 'correlated' or 'mean_field', not {guide!r}.")
+        if not 0.0 < mask_prior_prob < 1.0:
+            raise ValueError("`mask_prior_prob` must be in (0, 1).")
+        self.guide = guide
+        self.gumbel_temperature = gumbel_temperature
+        self.register_buffer("mask_prior_logit", torch.tensor(math.log(mask_prior_prob / (1 - mask_prior_prob))))
+        self.register_buffer("embedding_prior_scale", torch.tensor(float(embedding_prior_scale)))
+        self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
+        if guide == "correlated":
+            self.embedding_encoder = GaussianMLP(
+                n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers
+            )
+            self.perturbation_onehot = nn.Embedding(n_perturbations, embedding_encoder_n_hidden)
+        else:
+            self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
+            self.embedding_log_scale = nn.Parameter(torch.zeros(n_perturbations, n_latent))
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        if self.guide == "correlated":
+            return [self.mask_logits, self.perturbation_onehot.weight]
+        return [self.mask_logits, self.embedding_loc, self.embedding_log_scale]
+
+    def mask_probabilities(self) -> torch.Tensor:
+        """:math:`q(m_{tk} = 1)`, shape (T, K)."""
+        return torch.sigmoid(self.mask_logits)
+
+    def embedding_posterior(self, mask: torch.Tensor) -> Normal:
+        """:math:`q(E \\mid M)` for masks of shape (S, T, K) (the mean-field guide ignores ``mask``)."""
+        if self.guide == "correlated":
+            return self.embedding_encoder(mask, shift=self.perturbation_onehot.weight)
+        return Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
+
+    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+        logits = self.mask_logits.expand(n_particles, -1, -1)
+        mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
+        q_embedding = self.embedding_posterior(mask)
+        embedding = q_embedding.rsample() if self.guide == "correlated" else q_embedding.rsample((n_particles,))
+        p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
+        log_q = q_embedding.log_prob(embedding) + bernoulli_log_prob(mask, logits)
+        log_p = p_embedding.log_prob(embedding) + bernoulli_log_prob(mask, self.mask_prior_logit)
+        return {"shift": mask * embedding, "mask": mask, "embedding": embedding, "kl": (log_q - log_p).sum(-1)}
+
+    @torch.no_grad()
+    def point(self) -> dict[str, torch.Tensor]:
+        """Mask mode :math:`1[\\sigma(\\lambda) > 0.5]` and the mean of :math:`q(E \\mid \\text{mode})`."""
+        mask = (self.mask_logits > 0).to(self.mask_logits.dtype)[None]
+        embedding = self.embedding_posterior(mask).mean
+        embedding = embedding if embedding.dim() == 3 else embedding[None]
+        return {"shift": mask * embedding, "mask": mask, "embedding": embedding}
+
+
+class DenseMechanism(nn.Module):
+    r"""CPA-VAE (SAMS-VAE without masks): dense shifts :math:`\mathrm{shift}_t = e_t`.
+
+    Prior :math:`e_{tk} \sim N(0, \sigma_E^2)`; mean-field :math:`q(E)` with free location and scale
+    (initialised to 0 and 1).
+    """
+
+    has_mask = False
+
+    def __init__(self, n_perturbations: int, n_latent: int, embedding_prior_scale: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("embedding_prior_scale", torch.tensor(float(embedding_prior_scale)))
+        self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
+        self.embedding_log_scale = nn.Parameter(torch.zeros(n_perturbations, n_latent))
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        return [self.embedding_loc, self.embedding_log_scale]
+
+    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+        q_embedding = Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
+        embedding = q_embedding.rsample((n_particles,))
+        kl = q_embedding.log_prob(embedding) - Normal(0.0, self.embedding_prior_scale).log_prob(embedding)
+        return {"shift": embedding, "embedding": embedding, "kl": kl.sum(-1)}
+
+    @torch.no_grad()
+    def point(self) -> dict[str, torch.Tensor]:
+        return {"shift": self.embedding_loc[None], "embedding": self.embedding_loc[None]}
+
+
+class SparsePointMechanism(nn.Module):
+    r"""SVAE+ (Lopez et al., 2022): sparse shifts of the prior mean, :math:`\mathrm{shift}_t = m_t \odot \mu_t`.
+
+    Prior :math:`\pi_{tk} \sim \mathrm{Beta}(1, \beta)`, :math:`m_{tk} \sim \mathrm{Bern}(\pi_{tk})`.
+
+    :math:`\mu_t` is a learned point parameter (no prior; initialised :math:`N(0, 0.1^2)`). The guide is a point
+    mass on :math:`\pi = \sigma(\lambda)` (MAP: :math:`\log q = 0`) and masks drawn from the relaxed Bernoulli
+    with those probabilities, so :math:`q(m)` and :math:`p(m \mid \pi)` cancel and the global term is
+    :math:`-\sum_k \log \mathrm{Beta}(\pi_{tk}; 1, \beta)`.
+    """
+
+    has_mask = True
+
+    def __init__(
+        self,
+        n_perturbations: int,
+        n_latent: int,
+        mask_prior_beta: float = 2.0,
+        mask_init_logit: float = 0.0,
+        gumbel_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if mask_prior_beta <= 0:
+            raise ValueError("`mask_prior_beta` must be positive.")
+        self.gumbel_temperature = gumbel_temperature
+        self.register_buffer("mask_prior_beta", torch.tensor(float(mask_prior_beta)))
+        self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
+        self.means = nn.Parameter(0.1 * torch.randn(n_perturbations, n_latent))
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        return [self.mask_logits, self.means]
+
+    def mask_probabilities(self) -> torch.Tensor:
+        return torch.sigmoid(self.mask_logits)
+
+    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+        logits = self.mask_logits.expand(n_particles, -1, -1)
+        mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
+        # log Beta(pi; 1, b) with log(pi) and log(1 - pi) taken from the logits, stable at saturated logits
+        prior = Beta(torch.ones_like(self.mask_prior_beta), self.mask_prior_beta)
+        log_prior = (
+            (prior.concentration1 - 1) * nn.functional.logsigmoid(self.mask_logits)
+            + (prior.concentration0 - 1) * nn.functional.logsigmoid(-self.mask_logits)
+            - (
+                torch.lgamma(prior.concentration1)
+                + torch.lgamma(prior.concentration0)
+                - torch.lgamma(prior.concentration1 + prior.concentration0)
+            )
+        )
+        kl = (-log_prior.sum(-1)).expand(n_particles, -1)
+        return {"shift": mask * self.means, "mask": mask, "embedding": self.means.expand_as(mask), "kl": kl}
+
+    @torch.no_grad()
+    def point(self) -> dict[str, torch.Tensor]:
+        mask = (self.mask_logits > 0).to(self.mask_logits.dtype)[None]
+        return {"shift": mask * self.means, "mask": mask, "embedding": self.means[None]}
+
+
+class NoMechanism(nn.Module):
+    """Conditional VAE: no latent shift and no globals; the treatment enters the encoder and decoder directly."""
+
+    has_mask = False
+
+    def __init__(self, n_perturbations: int, n_latent: int) -> None:
+        super().__init__()
+        self.n_perturbations, self.n_latent = n_perturbations, n_latent
+        self.register_buffer("_anchor", torch.zeros(()))  # gives the mechanism a device and dtype
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+        zeros = self._anchor.new_zeros
+        return {
+            "shift": zeros(n_particles, self.n_perturbations, self.n_latent),
+            "kl": zeros(n_particles, self.n_perturbations),
+        }
+
+    @torch.no_grad()
+    def point(self) -> dict[str, torch.Tensor]:
+        return {"shift": self._anchor.new_zeros(1, self.n_perturbations, self.n_latent)}
+
+
+def build_mechanism(name: MechanismName, n_perturbations: int, n_latent: int, **kwargs) -> nn.Module:
+    """The mechanism called ``name`` (``"sparse"``, ``"dense"``, ``"sparse_point"`` or ``"none"``)."""
+    classes = {
+        "sparse": SparseMechanism,
+        "dense": DenseMechanism,
+        "sparse_point": SparsePointMechanism,
+        "none": NoMechanism,
+    }
+    if name not in classes:
+        raise ValueError(f"Unknown mechanism {name!r}; choose from {list(classes)}.")
+    return classes[name](n_perturbations, n_latent, **kwargs)

@@ -1,0 +1,167 @@
+"""The comparison models: same API as SAMSVAE, latent constructions that match their definitions."""
+
+import numpy as np
+import pytest
+import torch
+
+import sams_scvi
+from sams_scvi.module import SAMSModule
+
+from .conftest import TRAIN_KW
+
+FAMILY = [
+    (sams_scvi.SAMSVAE, {"guide": "mean_field", "mean_field_encoder": True}, "additive"),
+    (sams_scvi.CPAVAE, {}, "additive"),
+    (sams_scvi.ConditionalVAE, {}, "additive"),
+    (sams_scvi.SVAEPlus, {}, "unique"),
+]
+
+
+@pytest.mark.parametrize(("model_cls", "kwargs", "encoding"), FAMILY, ids=lambda x: getattr(x, "__name__", None))
+def test_each_variant_trains_predicts_and_round_trips(model_cls, kwargs, encoding, tapseq, tmp_path):
+    adata = tapseq[:1500].copy()
+    model_cls.setup_anndata(adata, perturbation_key="perturbation", encode_combinations=encoding)
+    model = model_cls(adata, n_latent=8, n_hidden=32, n_particles=2, **kwargs)
+    model.train(max_epochs=2, batch_size=256, **TRAIN_KW)
+    loss = model.history["elbo_train"]["elbo_train"].to_numpy(dtype=float)
+    assert np.all(np.isfinite(loss))
+
+    labels = model._perturbation_state["observed_labels"][:3]
+    ate = model.estimate_ate(labels, n_samples=40, progress_bar=False)
+    assert ate.shape == (3, adata.n_vars) and np.all(np.isfinite(ate.X))
+    pred = model.predict_perturbation(labels, indices=np.arange(5), n_samples=3, progress_bar=False)
+    assert pred.shape == (15, adata.n_vars)
+    assert np.isfinite(model.get_marginal_ll(indices=np.arange(50), n_mc_samples=6))
+    latent = model.get_latent(indices=np.arange(20))
+    assert latent.shape == (20, 8)
+
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = model_cls.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(loaded.get_latent(indices=np.arange(20)), latent, atol=1e-5)
+    reloaded_ate = loaded.estimate_ate(labels, n_samples=40, progress_bar=False)
+    np.testing.assert_allclose(reloaded_ate.X, ate.X, atol=1e-5)
+
+
+def test_svae_plus_requires_one_hot_and_refuses_unseen_combinations(tapseq):
+    adata = tapseq[:1500].copy()
+    sams_scvi.SVAEPlus.setup_anndata(adata, perturbation_key="perturbation")
+    with pytest.raises(ValueError, match="encode_combinations='unique'"):
+        sams_scvi.SVAEPlus(adata)
+
+    sams_scvi.SVAEPlus.setup_anndata(adata, perturbation_key="perturbation", encode_combinations="unique")
+    model = sams_scvi.SVAEPlus(adata, n_latent=4, n_hidden=16)
+    combos = [p for p in model.perturbations if "+" in p]
+    assert combos, "combinations become treatments of their own"
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    held_out = np.flatnonzero(labels == combos[0])
+    train = np.setdiff1d(np.arange(adata.n_obs), held_out)
+    model.train(max_epochs=1, datasplitter_kwargs={"external_indexing": [train, held_out, []]}, **TRAIN_KW)
+    with pytest.warns(UserWarning, match="without training cells"):
+        ate = model.estimate_ate([combos[0]], n_samples=10, progress_bar=False)
+    assert np.all(np.isfinite(ate.X))
+    a, b = combos[0].split("+")
+    unseen = f"{b}+{a}" if f"{b}+{a}" not in model.perturbations else "NOPE+" + a
+    with pytest.raises(ValueError, match="unique encoding"):
+        model.estimate_ate([unseen], n_samples=10, progress_bar=False)
+
+
+def test_unique_encoding_is_one_hot(tapseq):
+    adata = tapseq.copy()
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", encode_combinations="unique")
+    design = adata.obsm["_scvi_perturbation"]
+    assert design.getnnz(axis=1).max() == 1
+    labels = adata.obs["perturbation"].astype(str)
+    assert design.shape[1] == labels[labels != "control"].nunique()
+
+
+def _design(n_cells: int, n_perturbations: int) -> torch.Tensor:
+    design = torch.zeros(n_cells, n_perturbations)
+    design[1, 0] = 1
+    design[2, [0, 1]] = 1
+    return design
+
+
+def test_cpa_vae_equals_sams_vae_with_masks_fixed_to_one():
+    """z = z_b + D E in CPA-VAE equals SAMS-VAE's z = z_b + D(M * E) with M = 1 and the same E."""
+    torch.manual_seed(0)
+    G, T, K = 20, 3, 5
+    x, design = torch.poisson(torch.full((6, G), 2.0)), _design(6, T)
+    sams = SAMSModule(G, T, n_latent=K, n_hidden=16, guide="mean_field", mechanism="sparse")
+    cpa = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="dense")
+    shared = {k: v for k, v in sams.state_dict().items() if not k.startswith("mechanism.")}
+    cpa.load_state_dict({**cpa.state_dict(), **shared})
+    cpa.mechanism.embedding_loc.data.normal_()
+    sams.mechanism.embedding_loc.data.copy_(cpa.mechanism.embedding_loc.data)
+    sams.mechanism.mask_logits.data.fill_(50.0)  # q(m = 1) = 1: every mask sample is exactly 1
+
+    torch.manual_seed(1)
+    cpa_globals = cpa.sample_globals(4)
+    torch.manual_seed(1)
+    sams_globals = sams.sample_globals(4)
+    torch.testing.assert_close(sams_globals["mask"], torch.ones_like(sams_globals["mask"]))
+    # the same E samples give the same offsets, encoder inputs and decodings
+    sams_globals = {**sams_globals, "shift": sams_globals["mask"] * cpa_globals["embedding"]}
+    torch.manual_seed(2)
+    out_cpa = cpa.inference(x, design, global_samples=cpa_globals)
+    torch.manual_seed(2)
+    out_sams = sams.inference(x, design, global_samples=sams_globals)
+    torch.testing.assert_close(out_cpa["z"], out_sams["z"])
+    torch.testing.assert_close(out_cpa["offset"][:, 2], cpa_globals["embedding"][:, 0] + cpa_globals["embedding"][:, 1])
+    assert "mask" not in cpa_globals
+
+
+def test_conditional_vae_sees_the_treatment_only_through_its_networks():
+    torch.manual_seed(0)
+    G, T, K = 20, 3, 5
+    x, design = torch.poisson(torch.full((6, G), 2.0)), _design(6, T)
+    module = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="none", n_particles=2)
+    globals_ = module.sample_globals(2)
+    assert torch.all(globals_["shift"] == 0) and torch.all(globals_["kl"] == 0)
+    out = module.inference(x, design, global_samples=globals_)
+    torch.testing.assert_close(out["z"], out["z_basal"])
+    z = torch.zeros(1, 2, K)
+    with_a = module.generative(z, torch.full((1, 2), 100.0), design=torch.tensor([[0.0, 0, 0], [1, 0, 0]]))
+    assert not torch.allclose(with_a["log_rho"][0, 0], with_a["log_rho"][0, 1])  # the decoder reads d
+    assert module.global_variational_parameters() == []
+
+
+def test_svae_plus_prior_mean_shift_and_beta_term():
+    torch.manual_seed(0)
+    G, T, K = 20, 3, 5
+    x, design = torch.poisson(torch.full((6, G), 2.0)), _design(6, T)
+    module = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="sparse_point", mask_prior_beta=2.0)
+    assert module.offset_projection is None and module.design_projection is None  # q(z | x): no treatment input
+    globals_ = module.sample_globals(3)
+    torch.testing.assert_close(globals_["shift"], globals_["mask"] * module.mechanism.means)
+    # global term = -log Beta(sigmoid(lambda); 1, 2), hand-computed: Beta(1, 2) density is 2 (1 - p)
+    p = torch.sigmoid(module.mechanism.mask_logits)
+    torch.testing.assert_close(globals_["kl"][0], -torch.log(2 * (1 - p)).sum(-1))
+    out = module.inference(x, design, global_samples=globals_)
+    torch.testing.assert_close(out["z_encoded"], out["z"])  # the encoder infers the perturbed state
+    torch.testing.assert_close(out["z_basal"], out["z"] - out["offset"])
+
+
+def test_compare_models_tabulates_every_model_and_baseline(tapseq):
+    adata = tapseq[:1500].copy()
+    split = sams_scvi.metrics.combination_split(adata, 0.0, test_fraction=1.0, combination_test_fraction=1.0, seed=0)
+    small = {"n_latent": 4, "n_hidden": 16, "n_particles": 2}
+    models = {
+        "SAMS-VAE": (sams_scvi.SAMSVAE, small, {}),
+        "SVAE+": (sams_scvi.SVAEPlus, small, {"encode_combinations": "unique"}),
+    }
+    with pytest.warns(UserWarning, match="without training cells"):  # SVAE+ has never seen the test combinations
+        table = sams_scvi.compare_models(
+            adata,
+            split,
+            models,
+            baselines=["additive"],
+            max_epochs=1,
+            top_k=5,
+            n_ate_samples=20,
+            n_iwelbo_samples=4,
+            progress_bar=False,
+        )
+    assert list(table.index) == ["SAMS-VAE", "SVAE+", "baseline: additive"]
+    assert np.all(np.isfinite(table.loc[["SAMS-VAE", "SVAE+"], ["iwelbo", "train_seconds"]].to_numpy(dtype=float)))
+    assert np.isnan(table.loc["baseline: additive", "iwelbo"]) and np.isfinite(table.loc["baseline: additive", "r2"])
+    assert table.loc["SAMS-VAE", "n_perturbations"] == table.loc["baseline: additive", "n_perturbations"]
