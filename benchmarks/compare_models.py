@@ -25,7 +25,7 @@ COLUMNS = ["n_cells", "n_perturbations", "iwelbo", "pearson", "pearson_top20", "
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| model | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
     for name, row in table.iterrows():
-        cells = ["" if pd.isna(v) else f"{v:.4g}" for v in row]
+        cells = ["" if pd.isna(v) else f"{v:.0f}" if k.startswith("n_") else f"{v:.3f}" for k, v in row.items()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
