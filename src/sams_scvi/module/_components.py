@@ -112,7 +112,8 @@ def negative_binomial_log_prob_parts(
         \log NB(x;\mu,\theta) = \underbrace{\log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)}_{\text{count-only}}
         + \theta\log\theta + x\log\mu - (x+\theta)\log(\theta+\mu)
 
-    The count-only part does not depend on the particle, so it is computed once per cell.
+    The count-only part does not depend on the particle, so it is computed once per cell, and it vanishes where
+    :math:`x = 0`, so only the nonzero counts are visited.
 
     Parameters
     ----------
@@ -127,9 +128,20 @@ def negative_binomial_log_prob_parts(
     -------
     ``(count_only, mean_part)`` of shapes (n,) and (..., n).
     """
-    count_only = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)).sum(-1)
-    mean_part = (x * torch.log(mu) - (x + theta) * torch.log(theta + mu)).sum(-1) + (theta * torch.log(theta)).sum()
-    return count_only, mean_part
+    return negative_binomial_count_terms(x, theta), negative_binomial_mean_terms(x, mu, theta)
+
+
+def negative_binomial_count_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_g \log\Gamma(x_g+\theta_g) - \log\Gamma(\theta_g) - \log\Gamma(x_g+1)` over nonzero ``x`` (n,)."""
+    rows, genes = x.nonzero(as_tuple=True)
+    counts, dispersion = x[rows, genes], theta[genes]
+    terms = torch.lgamma(counts + dispersion) - torch.lgamma(dispersion) - torch.lgamma(counts + 1)
+    return terms.new_zeros(x.shape[0]).index_add(0, rows, terms)
+
+
+def negative_binomial_mean_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_g \theta_g\log\theta_g + x_g\log\mu_g - (x_g+\theta_g)\log(\theta_g+\mu_g)`, shape (..., n)."""
+    return (x * torch.log(mu) - (x + theta) * torch.log(theta + mu)).sum(-1) + (theta * torch.log(theta)).sum()
 
 
 def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

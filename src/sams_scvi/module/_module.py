@@ -188,8 +188,15 @@ class SAMSModule(BaseModuleClass):
 
     @staticmethod
     def latent_offset(design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """:math:`D (M \\odot E)`: design (n, T) or (..., n, T), shifts (S, T, K) -> offset (S, n, K)."""
-        return torch.matmul(design, shift)
+        """:math:`D (M \\odot E)`: design (n, T), shifts (S, T, K) -> offset (S, n, K).
+
+        The design is sparse (one-hot or a few perturbations per cell), so the product visits only its nonzero
+        entries: offset[:, i] = sum over nonzero d_it of d_it * shift[:, t].
+        """
+        rows, columns = design.nonzero(as_tuple=True)
+        weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
+        offset = shift.new_zeros(shift.shape[0], design.shape[0], shift.shape[-1])
+        return offset.index_add(1, rows, weighted)
 
     # ------------------------------------------------------------------ scvi-tools module interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
