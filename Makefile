@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # on newer Pythons pip resolves the newest torch that scvi-tools accepts.
 TORCH_SPEC ?= $(shell $(PYTHON) -c 'import sys; print("torch==2.13.0" if sys.version_info[:2] == (3, 11) else "torch")')
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# Training-step and prediction timings against scVI; writes benchmarks/RESULTS.md (BENCH_ARGS=--quick for a smoke test).
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -32,6 +32,7 @@ from ._data_splitter import SAMSDataSplitter
 from ._training_plan import SAMSTrainingPlan
 
 _ATE_TARGET_SUM = 1e4
+_ATE_CHUNK_ELEMENTS = 2**26
 
 
 class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -554,7 +555,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             Library size of the sampled counts: ``1e4`` as in the paper, or ``"median"`` for the median observed
             library of the registered cells, which matches shallow data better (spec §9.6).
         batch_size
-            Samples decoded per chunk (bounds memory at ``batch_size x (perturbations + 1) x genes``).
+            Most samples decoded per chunk; fewer when ``batch_size x (perturbations + 1) x genes`` would exceed
+            about 67 million values, so memory stays bounded for large screens.
         seed
             Seed of the sampling (``None``: do not reseed); the global random state is left untouched.
         progress_bar
@@ -585,7 +587,9 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
 
         sums = torch.zeros(n_conditions, self.module.n_input, dtype=torch.float64, device=self.device)
         diff_sq = torch.zeros(n_conditions - 1, self.module.n_input, dtype=torch.float64, device=self.device)
-        chunks = [min(batch_size, n_samples - start) for start in range(0, n_samples, batch_size)]
+        # memory-bounded: at most ~2**26 sampled counts per chunk (about 256 MB per float32 tensor)
+        per_chunk = max(1, min(batch_size, _ATE_CHUNK_ELEMENTS // (n_conditions * self.module.n_input)))
+        chunks = [min(per_chunk, n_samples - start) for start in range(0, n_samples, per_chunk)]
         with _seeded(seed, self.device):
             for chunk in track(chunks, description="Estimating ATEs", disable=not progress_bar):
                 globals_ = self.module.sample_globals(chunk)
@@ -595,9 +599,11 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 lib = torch.full((chunk, n_conditions), library, device=self.device)
                 gen = self.module.generative(z, lib, covariates, design=design)
                 counts = sample_negative_binomial(gen["mu"], gen["theta"])
-                y = torch.log2(1 + _ATE_TARGET_SUM * counts / counts.sum(-1, keepdim=True).clamp(min=1)).double()
-                sums += y.sum(0)
-                diff_sq += ((y[:, 1:] - y[:, :1]) ** 2).sum(0)
+                scale = _ATE_TARGET_SUM / counts.sum(-1, keepdim=True).clamp(min=1)
+                y = torch.log2(counts.mul_(scale).add_(1))  # in place: the chunk's largest tensors are reused
+                # float32 within a chunk (at most batch_size terms), float64 across chunks
+                sums += y.sum(0).double()
+                diff_sq += y[:, 1:].sub_(y[:, :1]).square_().sum(0).double()
         means = sums / n_samples
         ate = means[1:] - means[:1]
         variance = (diff_sq / n_samples - ate**2).clamp(min=0) * n_samples / max(n_samples - 1, 1)

@@ -15,7 +15,8 @@ from ._components import (
     CovariateEmbedding,
     GaussianMLP,
     ResidualMLP,
-    negative_binomial_log_prob_parts,
+    negative_binomial_count_terms,
+    negative_binomial_mean_terms,
     sample_negative_binomial,
 )
 from ._mechanisms import MechanismName, build_mechanism
@@ -297,9 +298,9 @@ class SAMSModule(BaseModuleClass):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
-        count_only, mean_part = negative_binomial_log_prob_parts(
-            x, generative_outputs["mu"], generative_outputs["theta"]
-        )
+        mu, theta = generative_outputs["mu"], generative_outputs["theta"]
+        count_only = negative_binomial_count_terms(x, theta)  # once per cell, nonzero counts only
+        mean_part = negative_binomial_mean_terms(x, mu, theta)  # per particle
         log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
         kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         return count_only + mean_part, kl_basal
