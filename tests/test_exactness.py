@@ -139,3 +139,15 @@ def test_fast_path_matches_reference_loss_and_gradients(mechanism, options):
             assert a is None and b is None, "a parameter is used by one computation only"
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m, p=p: f"{tuple(p.shape)}: {m}")
+
+
+def test_mean_terms_with_cells_without_counts():
+    """A minibatch whose cells have no counts at all (zero-library cells in targeted panels) still backpropagates."""
+    from sams_scvi.module._components import negative_binomial_mean_terms
+
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    mu = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    theta = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    value = negative_binomial_mean_terms(x, mu, theta)
+    torch.testing.assert_close(value, _negative_binomial_log_prob(x, mu, theta).sum(-1))
+    assert torch.autograd.gradcheck(lambda m, t: negative_binomial_mean_terms(x, m, t), (mu, theta))

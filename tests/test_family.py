@@ -59,8 +59,8 @@ def test_svae_plus_requires_one_hot_and_refuses_unseen_combinations(tapseq):
     with pytest.warns(UserWarning, match="without training cells"):
         ate = model.estimate_ate([combos[0]], n_samples=10, progress_bar=False)
     assert np.all(np.isfinite(ate.X))
-    a, b = combos[0].split("+")
-    unseen = f"{b}+{a}" if f"{b}+{a}" not in model.perturbations else "NOPE+" + a
+    singles = [p for p in model.perturbations if "+" not in p]
+    unseen = next(f"{a}+{b}" for a in singles for b in singles if a < b and f"{a}+{b}" not in model.perturbations)
     with pytest.raises(ValueError, match="unique encoding"):
         model.estimate_ate([unseen], n_samples=10, progress_bar=False)
 
@@ -84,30 +84,34 @@ def _design(n_cells: int, n_perturbations: int) -> torch.Tensor:
 def test_cpa_vae_equals_sams_vae_with_masks_fixed_to_one():
     """z = z_b + D E in CPA-VAE equals SAMS-VAE's z = z_b + D(M * E) with M = 1 and the same E."""
     torch.manual_seed(0)
-    G, T, K = 20, 3, 5
+    G, T, K, S = 20, 3, 5, 4
     x, design = torch.poisson(torch.full((6, G), 2.0)), _design(6, T)
     sams = SAMSModule(G, T, n_latent=K, n_hidden=16, guide="mean_field", mechanism="sparse")
     cpa = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="dense")
-    shared = {k: v for k, v in sams.state_dict().items() if not k.startswith("mechanism.")}
-    cpa.load_state_dict({**cpa.state_dict(), **shared})
-    cpa.mechanism.embedding_loc.data.normal_()
-    sams.mechanism.embedding_loc.data.copy_(cpa.mechanism.embedding_loc.data)
-    sams.mechanism.mask_logits.data.fill_(50.0)  # q(m = 1) = 1: every mask sample is exactly 1
+    cpa.load_state_dict({k: v for k, v in sams.state_dict().items() if not k.startswith("mechanism.")}, strict=False)
+    with torch.no_grad():
+        cpa.mechanism.embedding_loc.normal_()
+        cpa.mechanism.embedding_log_scale.uniform_(-1, 0)
+        sams.mechanism.embedding_loc.copy_(cpa.mechanism.embedding_loc)
+        sams.mechanism.embedding_log_scale.copy_(cpa.mechanism.embedding_log_scale)
+        sams.mechanism.mask_logits.fill_(30.0)  # q(m = 1) = 1 to float precision: every mask sample is 1
 
     torch.manual_seed(1)
-    cpa_globals = cpa.sample_globals(4)
+    sams_globals = sams.sample_globals(S)
     torch.manual_seed(1)
-    sams_globals = sams.sample_globals(4)
-    torch.testing.assert_close(sams_globals["mask"], torch.ones_like(sams_globals["mask"]))
-    # the same E samples give the same offsets, encoder inputs and decodings
-    sams_globals = {**sams_globals, "shift": sams_globals["mask"] * cpa_globals["embedding"]}
+    torch.rand(S, T, K)  # the uniforms SAMS-VAE spends on its mask samples
+    cpa_globals = cpa.sample_globals(S)
+    assert torch.all(sams_globals["mask"] == 1)
+    torch.testing.assert_close(sams_globals["shift"], cpa_globals["shift"], rtol=0, atol=0)
+    # the global KL differs exactly by the masks' KL: K * [log q(m = 1) - log p(m = 1)] per perturbation
+    mask_kl = K * (torch.nn.functional.logsigmoid(torch.tensor(30.0)) - np.log(0.01))
+    torch.testing.assert_close(sams_globals["kl"] - cpa_globals["kl"], torch.full((S, T), float(mask_kl)))
     torch.manual_seed(2)
     out_cpa = cpa.inference(x, design, global_samples=cpa_globals)
     torch.manual_seed(2)
     out_sams = sams.inference(x, design, global_samples=sams_globals)
-    torch.testing.assert_close(out_cpa["z"], out_sams["z"])
-    torch.testing.assert_close(out_cpa["offset"][:, 2], cpa_globals["embedding"][:, 0] + cpa_globals["embedding"][:, 1])
-    assert "mask" not in cpa_globals
+    torch.testing.assert_close(out_cpa["z"], out_sams["z"], rtol=0, atol=0)
+    torch.testing.assert_close(out_cpa["offset"][:, 2], cpa_globals["shift"][:, 0] + cpa_globals["shift"][:, 1])
 
 
 def test_conditional_vae_sees_the_treatment_only_through_its_networks():
@@ -129,39 +133,55 @@ def test_svae_plus_prior_mean_shift_and_beta_term():
     torch.manual_seed(0)
     G, T, K = 20, 3, 5
     x, design = torch.poisson(torch.full((6, G), 2.0)), _design(6, T)
-    module = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="sparse_point", mask_prior_beta=2.0)
+    module = SAMSModule(G, T, n_latent=K, n_hidden=16, mechanism="sparse_point", mask_prior_beta=3.0)
     assert module.offset_projection is None and module.design_projection is None  # q(z | x): no treatment input
+    with torch.no_grad():
+        module.mechanism.mask_logits.normal_(0, 2)
     globals_ = module.sample_globals(3)
     torch.testing.assert_close(globals_["shift"], globals_["mask"] * module.mechanism.means)
-    # global term = -log Beta(sigmoid(lambda); 1, 2), hand-computed: Beta(1, 2) density is 2 (1 - p)
+    # global term = -log Beta(sigmoid(lambda); 1, 3), checked against torch.distributions
     p = torch.sigmoid(module.mechanism.mask_logits)
-    torch.testing.assert_close(globals_["kl"][0], -torch.log(2 * (1 - p)).sum(-1))
+    expected = -torch.distributions.Beta(1.0, 3.0).log_prob(p).sum(-1)
+    torch.testing.assert_close(globals_["kl"][1], expected)
     out = module.inference(x, design, global_samples=globals_)
     torch.testing.assert_close(out["z_encoded"], out["z"])  # the encoder infers the perturbed state
     torch.testing.assert_close(out["z_basal"], out["z"] - out["offset"])
+    with pytest.raises(ValueError, match="at least 1"):
+        SAMSModule(G, T, mechanism="sparse_point", mask_prior_beta=0.5)
 
 
-def test_compare_models_tabulates_every_model_and_baseline(tapseq):
-    adata = tapseq[:1500].copy()
-    split = sams_scvi.metrics.combination_split(adata, 0.0, test_fraction=1.0, combination_test_fraction=1.0, seed=0)
-    small = {"n_latent": 4, "n_hidden": 16, "n_particles": 2}
-    models = {
-        "SAMS-VAE": (sams_scvi.SAMSVAE, small, {}),
-        "SVAE+": (sams_scvi.SVAEPlus, small, {"encode_combinations": "unique"}),
-    }
-    with pytest.warns(UserWarning, match="without training cells"):  # SVAE+ has never seen the test combinations
-        table = sams_scvi.compare_models(
-            adata,
-            split,
-            models,
-            baselines=["additive"],
-            max_epochs=1,
-            top_k=5,
-            n_ate_samples=20,
-            n_iwelbo_samples=4,
-            progress_bar=False,
-        )
-    assert list(table.index) == ["SAMS-VAE", "SVAE+", "baseline: additive"]
-    assert np.all(np.isfinite(table.loc[["SAMS-VAE", "SVAE+"], ["iwelbo", "train_seconds"]].to_numpy(dtype=float)))
-    assert np.isnan(table.loc["baseline: additive", "iwelbo"]) and np.isfinite(table.loc["baseline: additive", "r2"])
-    assert table.loc["SAMS-VAE", "n_perturbations"] == table.loc["baseline: additive", "n_perturbations"]
+def test_sams_global_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    T, K = 4, 6
+    for guide in ("correlated", "mean_field"):
+        module = SAMSModule(10, T, n_latent=K, guide=guide, mask_prior_prob=0.05, embedding_prior_scale=2.0)
+        with torch.no_grad():
+            module.mechanism.mask_logits.normal_(0, 2)
+        g = module.sample_globals(3)
+        q_mask = torch.distributions.Bernoulli(logits=module.mechanism.mask_logits)
+        q_embedding = module.mechanism.embedding_posterior(g["mask"])
+        log_q = q_mask.log_prob(g["mask"]) + q_embedding.log_prob(g["embedding"])
+        log_p = torch.distributions.Bernoulli(probs=torch.tensor(0.05)).log_prob(
+            g["mask"]
+        ) + torch.distributions.Normal(0.0, 2.0).log_prob(g["embedding"])
+        torch.testing.assert_close(g["kl"], (log_q - log_p).sum(-1))
+
+
+def test_arguments_of_other_models_are_rejected():
+    with pytest.raises(ValueError, match="do not apply"):
+        SAMSModule(10, 3, mechanism="dense", guide="mean_field")
+    with pytest.raises(ValueError, match="do not apply"):
+        SAMSModule(10, 3, mechanism="sparse_point", mask_prior_prob=0.1)
+    with pytest.raises(ValueError, match="Unknown mechanism"):
+        SAMSModule(10, 3, mechanism="bogus")
+
+
+def test_mechanism_point_estimates_are_copies(tapseq):
+    adata = tapseq[:600].copy()
+    sams_scvi.CPAVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.CPAVAE(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+    embeddings = model.get_perturbation_embeddings()
+    before = model.module.mechanism.embedding_loc.detach().clone()
+    embeddings.iloc[0, 0] = 1e3
+    torch.testing.assert_close(model.module.mechanism.embedding_loc.detach(), before)

@@ -126,3 +126,15 @@ def test_dosage_key():
     adata = _adata(["A+B", "A", "control"], dose=["1+0.5", "2", "0"])
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", dosage_key="dose")
     np.testing.assert_allclose(adata.obsm["_scvi_perturbation"].toarray(), [[1, 0.5], [2, 0], [0, 0]])
+
+
+def test_unique_encoding_names_each_combination_once():
+    design, vocabulary = parse_perturbations(
+        ["control", "A", "A + B", "B+A", "B+control", "A+B+C"], unique_combinations=True
+    )
+    assert vocabulary == ["A", "A+B", "A+B+C", "B"]
+    assert design.getnnz(axis=1).tolist() == [0, 1, 1, 1, 1, 1]
+    assert design[2].indices.tolist() == design[3].indices.tolist() == [1]  # "A + B" and "B+A" are one treatment
+    assert design[4].indices.tolist() == [3]  # a control atom is ignored
+    with pytest.raises(ValueError, match="unique encoding"):
+        parse_perturbations(["A+C"], unique_combinations=True, vocabulary=vocabulary)

@@ -22,8 +22,9 @@ def paper_models() -> dict[str, ModelSpec]:
     """The paper's Norman comparison: ``{name: (model class, model kwargs, setup_anndata kwargs)}``.
 
     SAMS-VAE with the correlated and the mean-field guide, CPA-VAE and the conditional VAE with additive
-    encoding of combinations, and SVAE+ with unique encoding (it accepts one treatment per cell); every basal
-    encoder sees the perturbation (``mean_field_encoder=False``), as in the paper's figures.
+    encoding of combinations, and SVAE+ with unique encoding (it accepts one treatment per cell). The encoders
+    see the perturbation (``mean_field_encoder=False``) as in the paper's figures, except SVAE+'s, which by
+    definition infers the perturbed state from the counts alone.
     """
     return {
         "SAMS-VAE (correlated)": (SAMSVAE, {"guide": "correlated"}, {}),

@@ -70,7 +70,7 @@ def parse_perturbations(
     if unique_combinations:
         if any(dosage not in ("nan", "None", "") for _, dosage in uniques):
             raise ValueError("Dosages cannot be combined with unique encoding of combinations.")
-        parsed = [{} if label.strip() == control_value else {label.strip(): 1.0} for label, _ in uniques]
+        parsed = [_unique_treatment(label, control_value, delimiter) for label, _ in uniques]
     else:
         parsed = [_parse_label(label, dosage, control_value, delimiter) for label, dosage in uniques]
 
@@ -103,6 +103,12 @@ def parse_perturbations(
     design = unique_design[codes].tocsr()
     design.eliminate_zeros()
     return design.astype(np.float32), vocabulary
+
+
+def _unique_treatment(label: str, control_value: str, delimiter: str) -> dict[str, float]:
+    """One treatment named by the label's sorted perturbations, control atoms dropped: ``"B + A"`` -> ``"A+B"``."""
+    atoms = sorted(_parse_label(label, "", control_value, delimiter))
+    return {delimiter.join(atoms): 1.0} if atoms else {}
 
 
 def _parse_label(label: str, dosage: str, control_value: str, delimiter: str) -> dict[str, float]:

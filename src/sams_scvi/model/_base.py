@@ -310,7 +310,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                         else "."
                     ),
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of estimate_ate / predict_perturbation (through inference_mode)
                 )
         return torch.as_tensor(design.toarray(), device=self.device)
 
@@ -361,7 +361,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         """Posterior-mean latent state of each cell, shape (cells, n_latent).
 
         ``"basal"`` is :math:`E[z_b \\mid x]`, the cell without its perturbation; ``"perturbed"`` adds the
-        cell's offset :math:`d_i (M \\odot E)`. Globals are at their posterior point estimate (mask mode,
+        cell's offset :math:`d_i (M \\odot E)` (the two coincide for the conditional VAE, which has no latent
+        shift). Globals are at their posterior point estimate (mask mode,
         embedding mean), so the result is deterministic.
         """
         if representation not in ("basal", "perturbed"):

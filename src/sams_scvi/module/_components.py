@@ -131,31 +131,44 @@ def negative_binomial_log_prob_parts(
     return negative_binomial_count_terms(x, theta), negative_binomial_mean_terms(x, mu, theta)
 
 
-def negative_binomial_count_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sum_g \log\Gamma(x_g+\theta_g) - \log\Gamma(\theta_g) - \log\Gamma(x_g+1)` over nonzero ``x`` (n,)."""
-    rows, genes = x.nonzero(as_tuple=True)
+def negative_binomial_count_terms(
+    x: torch.Tensor, theta: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    r""":math:`\sum_g \log\Gamma(x_g+\theta_g) - \log\Gamma(\theta_g) - \log\Gamma(x_g+1)` over nonzero ``x`` (n,).
+
+    ``nonzero``: ``x.nonzero(as_tuple=True)`` if already computed.
+    """
+    rows, genes = x.nonzero(as_tuple=True) if nonzero is None else nonzero
     counts, dispersion = x[rows, genes], theta[genes]
     terms = torch.lgamma(counts + dispersion) - torch.lgamma(dispersion) - torch.lgamma(counts + 1)
     return terms.new_zeros(x.shape[0]).index_add(0, rows, terms)
 
 
-def negative_binomial_mean_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def negative_binomial_mean_terms(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     r""":math:`\sum_g \theta_g\log\theta_g + x_g\log\mu_g - (x_g+\theta_g)\log(\theta_g+\mu_g)`, shape (..., n).
 
     Split as :math:`-\sum_g \theta_g \log t_g` (dense, a matrix-vector product) plus
     :math:`\sum_{g: x_g > 0} x_g (\log\mu_g - \log t_g)` (nonzero counts only), with :math:`t = \theta + \mu`,
     and differentiated by hand: the forward and backward passes each touch the particle x cell x gene tensors a
-    few times, where autograd of the textbook expression makes about twenty passes.
+    few times, where autograd of the textbook expression makes about twenty passes. ``x`` is (n, G), ``mu``
+    (..., n, G); ``nonzero`` is ``x.nonzero(as_tuple=True)`` if already computed.
     """
-    return _NegativeBinomialMeanTerms.apply(x, mu, theta)
+    if x.dim() != 2 or mu.shape[-2:] != x.shape:
+        raise ValueError(f"Expected x of shape (n, G) and mu of shape (..., n, G); got {x.shape} and {mu.shape}.")
+    rows, genes = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+    return _NegativeBinomialMeanTerms.apply(x.to(mu.dtype), mu, theta, rows, genes)
 
 
 class _NegativeBinomialMeanTerms(torch.autograd.Function):
     """Value and hand-written gradients (in ``mu`` and ``theta``) of :func:`negative_binomial_mean_terms`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        rows, genes = x.nonzero(as_tuple=True)
+    def forward(ctx, x, mu, theta, rows, genes) -> torch.Tensor:
         counts = x[rows, genes]
         t = mu + theta
         log_t = torch.log(t)
@@ -166,7 +179,8 @@ class _NegativeBinomialMeanTerms(torch.autograd.Function):
         return out + (theta * torch.log(theta)).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+    @torch.autograd.function.once_differentiable  # the saved tensors carry no graph: no second derivatives
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, None, None]:
         rows, genes, counts, mu_nonzero, t, log_t, theta = ctx.saved_tensors
         n_genes = theta.shape[0]
         inv_t_nonzero = 1.0 / (mu_nonzero + theta[genes])
@@ -176,11 +190,14 @@ class _NegativeBinomialMeanTerms(torch.autograd.Function):
         # d/dtheta: -log t - theta / t (dense) + log theta + 1 (constant term) - x / t (nonzeros)
         grad_theta = -(flat_grad @ log_t.reshape(-1, n_genes)) - (flat_grad @ ratio.reshape(-1, n_genes))
         grad_theta = grad_theta.reshape(n_genes) + (torch.log(theta) + 1) * grad.sum()
-        grad_theta = grad_theta.index_add(0, genes, -(grad_nonzero * inv_t_nonzero).reshape(-1, len(genes)).sum(0))
+        nonzero_terms = grad_nonzero * inv_t_nonzero  # (..., nnz)
+        if nonzero_terms.dim() > 1:
+            nonzero_terms = nonzero_terms.flatten(0, -2).sum(0)
+        grad_theta = grad_theta.index_add(0, genes, -nonzero_terms)
         # d/dmu: -theta / t (dense) + x / mu - x / t (nonzeros)
         grad_mu = ratio.mul_(-grad[..., None])
         grad_mu[..., rows, genes] += grad_nonzero * (1.0 / mu_nonzero - inv_t_nonzero)
-        return None, grad_mu, grad_theta
+        return None, grad_mu, grad_theta, None, None
 
 
 def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

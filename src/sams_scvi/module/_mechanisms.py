@@ -128,7 +128,8 @@ class DenseMechanism(nn.Module):
 
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
-        return {"shift": self.embedding_loc[None], "embedding": self.embedding_loc[None]}
+        loc = self.embedding_loc[None].clone()  # a copy: callers may turn it into a DataFrame and edit it
+        return {"shift": loc, "embedding": loc}
 
 
 class SparsePointMechanism(nn.Module):
@@ -153,8 +154,9 @@ class SparsePointMechanism(nn.Module):
         gumbel_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if mask_prior_beta <= 0:
-            raise ValueError("`mask_prior_beta` must be positive.")
+        if mask_prior_beta < 1:
+            # below 1, the MAP term -(beta - 1) log(1 - pi) is unbounded below as pi -> 1: the logits diverge
+            raise ValueError("`mask_prior_beta` must be at least 1.")
         self.gumbel_temperature = gumbel_temperature
         self.register_buffer("mask_prior_beta", torch.tensor(float(mask_prior_beta)))
         self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
@@ -186,7 +188,7 @@ class SparsePointMechanism(nn.Module):
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
         mask = (self.mask_logits > 0).to(self.mask_logits.dtype)[None]
-        return {"shift": mask * self.means, "mask": mask, "embedding": self.means[None]}
+        return {"shift": mask * self.means, "mask": mask, "embedding": self.means[None].clone()}
 
 
 class NoMechanism(nn.Module):

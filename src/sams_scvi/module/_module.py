@@ -128,6 +128,17 @@ class SAMSModule(BaseModuleClass):
         self.register_buffer("train_perturbation_counts", torch.zeros(n_perturbations))
 
         # Globals and their guide: q(M) q(E | M) for SAMS-VAE, and the comparison models' counterparts.
+        _check_mechanism_arguments(
+            mechanism,
+            mask_prior_prob=mask_prior_prob,
+            embedding_prior_scale=embedding_prior_scale,
+            guide=guide,
+            embedding_encoder_n_hidden=embedding_encoder_n_hidden,
+            embedding_encoder_n_layers=embedding_encoder_n_layers,
+            mask_init_logit=mask_init_logit,
+            gumbel_temperature=gumbel_temperature,
+            mask_prior_beta=mask_prior_beta,
+        )
         mechanism_kwargs = {
             "sparse": {
                 "mask_prior_prob": mask_prior_prob,
@@ -194,6 +205,8 @@ class SAMSModule(BaseModuleClass):
         The design is sparse (one-hot or a few perturbations per cell), so the product visits only its nonzero
         entries: offset[:, i] = sum over nonzero d_it of d_it * shift[:, t].
         """
+        if design.dim() != 2 or shift.dim() != 3:
+            raise ValueError(f"Expected a (n, T) design and (S, T, K) shifts; got {design.shape} and {shift.shape}.")
         rows, columns = design.nonzero(as_tuple=True)
         weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
         offset = shift.new_zeros(shift.shape[0], design.shape[0], shift.shape[-1])
@@ -299,8 +312,10 @@ class SAMSModule(BaseModuleClass):
         """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
         mu, theta = generative_outputs["mu"], generative_outputs["theta"]
-        count_only = negative_binomial_count_terms(x, theta)  # once per cell, nonzero counts only
-        mean_part = negative_binomial_mean_terms(x, mu, theta)  # per particle
+        x = x.to(mu.dtype)
+        nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
+        count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
+        mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle
         log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
         kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         return count_only + mean_part, kl_basal
@@ -336,3 +351,42 @@ class SAMSModule(BaseModuleClass):
             tensors, inference_kwargs={"n_samples": n_samples}, compute_loss=False
         )
         return sample_negative_binomial(generative_outputs["mu"], generative_outputs["theta"]).cpu()
+
+
+_MECHANISM_DEFAULTS = {
+    "mask_prior_prob": 0.01,
+    "embedding_prior_scale": 1.0,
+    "guide": "correlated",
+    "embedding_encoder_n_hidden": 200,
+    "embedding_encoder_n_layers": 2,
+    "mask_init_logit": 0.0,
+    "gumbel_temperature": 1.0,
+    "mask_prior_beta": 2.0,
+}
+_MECHANISM_ARGUMENTS = {
+    "sparse": {
+        "mask_prior_prob",
+        "embedding_prior_scale",
+        "guide",
+        "embedding_encoder_n_hidden",
+        "embedding_encoder_n_layers",
+        "mask_init_logit",
+        "gumbel_temperature",
+    },
+    "dense": {"embedding_prior_scale"},
+    "sparse_point": {"mask_prior_beta", "mask_init_logit", "gumbel_temperature"},
+    "none": set(),
+}
+
+
+def _check_mechanism_arguments(mechanism: str, **arguments) -> None:
+    """Raise when an argument that the chosen mechanism does not use is set to a non-default value."""
+    if mechanism not in _MECHANISM_ARGUMENTS:
+        raise ValueError(f"Unknown mechanism {mechanism!r}; choose from {list(_MECHANISM_ARGUMENTS)}.")
+    unused = [
+        name
+        for name, value in arguments.items()
+        if value != _MECHANISM_DEFAULTS[name] and name not in _MECHANISM_ARGUMENTS[mechanism]
+    ]
+    if unused:
+        raise ValueError(f"{unused} do not apply to the {mechanism!r} mechanism (model); leave them out.")
