@@ -151,6 +151,16 @@ def _r2(pred: np.ndarray, obs: np.ndarray) -> float:
     return float(1 - residual / total) if total > 0 else float("nan")
 
 
+def _row_pearson(pred: np.ndarray, obs: np.ndarray) -> list[float]:
+    """Pearson r of each perturbation (row)."""
+    return [_pearson(p, o) for p, o in zip(pred, obs, strict=True)]
+
+
+def _row_r2(pred: np.ndarray, obs: np.ndarray) -> list[float]:
+    """R² of each perturbation (row)."""
+    return [_r2(p, o) for p, o in zip(pred, obs, strict=True)]
+
+
 def ate_pearson(
     predicted: AnnData | pd.DataFrame,
     observed: AnnData | pd.DataFrame,
@@ -212,10 +222,8 @@ def ate_metrics(
             "r2": _r2(pred, obs),
             f"pearson_top{k}": _pearson(pred_top, obs_top),
             f"r2_top{k}": _r2(pred_top, obs_top),
-            "pearson_per_perturbation": _mean_defined([_pearson(p, o) for p, o in zip(pred, obs, strict=True)]),
-            f"pearson_top{k}_per_perturbation": _mean_defined(
-                [_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)]
-            ),
+            "pearson_per_perturbation": _mean_defined(_row_pearson(pred, obs)),
+            f"pearson_top{k}_per_perturbation": _mean_defined(_row_pearson(pred_top, obs_top)),
             f"direction_agreement_top{k}": float((np.sign(pred_top) == np.sign(obs_top)).mean()),
             "n_perturbations": len(rows),
         }
@@ -250,10 +258,10 @@ def ate_metrics_per_perturbation(
     k = top_k
     table = pd.DataFrame(
         {
-            "pearson": [_pearson(p, o) for p, o in zip(pred, obs, strict=True)],
-            "r2": [_r2(p, o) for p, o in zip(pred, obs, strict=True)],
-            f"pearson_top{k}": [_pearson(p, o) for p, o in zip(pred_top, obs_top, strict=True)],
-            f"r2_top{k}": [_r2(p, o) for p, o in zip(pred_top, obs_top, strict=True)],
+            "pearson": _row_pearson(pred, obs),
+            "r2": _row_r2(pred, obs),
+            f"pearson_top{k}": _row_pearson(pred_top, obs_top),
+            f"r2_top{k}": _row_r2(pred_top, obs_top),
             f"direction_agreement_top{k}": (np.sign(pred_top) == np.sign(obs_top)).mean(axis=1),
             "observed_norm": np.linalg.norm(obs, axis=1),
         },

@@ -373,13 +373,9 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         latents = []
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
             out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
-            z = out["qz"].loc
-            z = z[0] if z.dim() == 3 else z
-            offset = out["offset"][0]
-            if not self.module.encodes_basal:  # SVAE+ encodes the perturbed state
-                z = z - offset
+            z = self.module.basal_mean(out)[0]  # one particle: the globals are at their point estimate
             if representation == "perturbed":
-                z = z + offset
+                z = z + out["offset"][0]
             latents.append(z.cpu().numpy())
         return np.concatenate(latents)
 
@@ -408,7 +404,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
     @torch.inference_mode()
     def get_perturbation_embeddings(self) -> pd.DataFrame:
         """Posterior point estimate of each perturbation's latent shift :math:`m_t \\odot e_t` (perturbations x K)."""
-        if self.module.mechanism_name == "none":
+        if not self.module.mechanism.has_shift:
             raise ValueError(f"{self._display_name} has no latent perturbation shifts.")
         shift = self.module.point_globals()["shift"][0].cpu().numpy()
         return pd.DataFrame(

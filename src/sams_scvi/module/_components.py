@@ -103,40 +103,18 @@ def bernoulli_log_prob(value: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     return value * logits - F.softplus(logits)
 
 
-def negative_binomial_log_prob_parts(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Negative-binomial log-likelihood summed over genes, split into a count-only and a mean-dependent part.
-
-    .. math::
-        \log NB(x;\mu,\theta) = \underbrace{\log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)}_{\text{count-only}}
-        + \theta\log\theta + x\log\mu - (x+\theta)\log(\theta+\mu)
-
-    The count-only part does not depend on the particle, so it is computed once per cell, and it vanishes where
-    :math:`x = 0`, so only the nonzero counts are visited.
-
-    Parameters
-    ----------
-    x
-        Counts, shape (n, G).
-    mu
-        Means, shape (..., n, G).
-    theta
-        Inverse dispersion, shape (G,).
-
-    Returns
-    -------
-    ``(count_only, mean_part)`` of shapes (n,) and (..., n).
-    """
-    return negative_binomial_count_terms(x, theta), negative_binomial_mean_terms(x, mu, theta)
-
-
 def negative_binomial_count_terms(
     x: torch.Tensor, theta: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    r""":math:`\sum_g \log\Gamma(x_g+\theta_g) - \log\Gamma(\theta_g) - \log\Gamma(x_g+1)` over nonzero ``x`` (n,).
+    r"""Count-only part of the negative-binomial log-likelihood, summed over genes, shape (n,).
 
-    ``nonzero``: ``x.nonzero(as_tuple=True)`` if already computed.
+    .. math::
+        \log NB(x;\mu,\theta) = \underbrace{\log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)}_{\text{count-only}}
+        + \underbrace{\theta\log\theta + x\log\mu - (x+\theta)\log(\theta+\mu)}_{\text{mean terms}}
+
+    The count-only part does not depend on the particle, so it is computed once per cell, and it vanishes where
+    :math:`x = 0`, so only the nonzero counts are visited. ``nonzero``: ``x.nonzero(as_tuple=True)`` if already
+    computed. See :func:`negative_binomial_mean_terms` for the rest.
     """
     rows, genes = x.nonzero(as_tuple=True) if nonzero is None else nonzero
     counts, dispersion = x[rows, genes], theta[genes]

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributions import Beta, Normal
+from torch.distributions import Normal
 
 from ._components import GaussianMLP, bernoulli_log_prob, relaxed_bernoulli_straight_through
 
@@ -36,6 +36,7 @@ class SparseMechanism(nn.Module):
     """
 
     has_mask = True
+    has_shift = True
 
     def __init__(
         self,
@@ -73,10 +74,6 @@ class SparseMechanism(nn.Module):
             return [self.mask_logits, self.perturbation_onehot.weight]
         return [self.mask_logits, self.embedding_loc, self.embedding_log_scale]
 
-    def mask_probabilities(self) -> torch.Tensor:
-        """:math:`q(m_{tk} = 1)`, shape (T, K)."""
-        return torch.sigmoid(self.mask_logits)
-
     def embedding_posterior(self, mask: torch.Tensor) -> Normal:
         """:math:`q(E \\mid M)` for masks of shape (S, T, K) (the mean-field guide ignores ``mask``)."""
         if self.guide == "correlated":
@@ -110,6 +107,7 @@ class DenseMechanism(nn.Module):
     """
 
     has_mask = False
+    has_shift = True
 
     def __init__(self, n_perturbations: int, n_latent: int, embedding_prior_scale: float = 1.0) -> None:
         super().__init__()
@@ -144,6 +142,7 @@ class SparsePointMechanism(nn.Module):
     """
 
     has_mask = True
+    has_shift = True
 
     def __init__(
         self,
@@ -165,23 +164,12 @@ class SparsePointMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.mask_logits, self.means]
 
-    def mask_probabilities(self) -> torch.Tensor:
-        return torch.sigmoid(self.mask_logits)
-
     def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
         logits = self.mask_logits.expand(n_particles, -1, -1)
         mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
-        # log Beta(pi; 1, b) with log(pi) and log(1 - pi) taken from the logits, stable at saturated logits
-        prior = Beta(torch.ones_like(self.mask_prior_beta), self.mask_prior_beta)
-        log_prior = (
-            (prior.concentration1 - 1) * nn.functional.logsigmoid(self.mask_logits)
-            + (prior.concentration0 - 1) * nn.functional.logsigmoid(-self.mask_logits)
-            - (
-                torch.lgamma(prior.concentration1)
-                + torch.lgamma(prior.concentration0)
-                - torch.lgamma(prior.concentration1 + prior.concentration0)
-            )
-        )
+        # log Beta(pi; 1, b) = log b + (b - 1) log(1 - pi), with log(1 - pi) from the logits (stable when saturated)
+        beta = self.mask_prior_beta
+        log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-self.mask_logits)
         kl = (-log_prior.sum(-1)).expand(n_particles, -1)
         return {"shift": mask * self.means, "mask": mask, "embedding": self.means.expand_as(mask), "kl": kl}
 
@@ -195,6 +183,7 @@ class NoMechanism(nn.Module):
     """Conditional VAE: no latent shift and no globals; the treatment enters the encoder and decoder directly."""
 
     has_mask = False
+    has_shift = False
 
     def __init__(self, n_perturbations: int, n_latent: int) -> None:
         super().__init__()

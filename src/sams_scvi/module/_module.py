@@ -73,7 +73,8 @@ class SAMSModule(BaseModuleClass):
     guide
         ``"correlated"`` (:math:`q(E \mid M)`) or ``"mean_field"`` (:math:`q(E)`).
     mean_field_encoder
-        If ``True`` the basal encoder sees only the counts; otherwise also the sampled offset.
+        If ``True`` the encoder sees only the counts; otherwise also the sampled offset :math:`D(M \odot E)` (the
+        treatment vector for the conditional VAE). SVAE+'s encoder always sees only the counts.
     embedding_encoder_n_hidden, embedding_encoder_n_layers
         Size of the correlated guide's :math:`q(e_t \mid m_t, t)` network.
     n_particles
@@ -128,7 +129,7 @@ class SAMSModule(BaseModuleClass):
         self.register_buffer("train_perturbation_counts", torch.zeros(n_perturbations))
 
         # Globals and their guide: q(M) q(E | M) for SAMS-VAE, and the comparison models' counterparts.
-        _check_mechanism_arguments(
+        mechanism_kwargs = _mechanism_arguments(
             mechanism,
             mask_prior_prob=mask_prior_prob,
             embedding_prior_scale=embedding_prior_scale,
@@ -139,33 +140,16 @@ class SAMSModule(BaseModuleClass):
             gumbel_temperature=gumbel_temperature,
             mask_prior_beta=mask_prior_beta,
         )
-        mechanism_kwargs = {
-            "sparse": {
-                "mask_prior_prob": mask_prior_prob,
-                "embedding_prior_scale": embedding_prior_scale,
-                "guide": guide,
-                "embedding_encoder_n_hidden": embedding_encoder_n_hidden,
-                "embedding_encoder_n_layers": embedding_encoder_n_layers,
-                "mask_init_logit": mask_init_logit,
-                "gumbel_temperature": gumbel_temperature,
-            },
-            "dense": {"embedding_prior_scale": embedding_prior_scale},
-            "sparse_point": {
-                "mask_prior_beta": mask_prior_beta,
-                "mask_init_logit": mask_init_logit,
-                "gumbel_temperature": gumbel_temperature,
-            },
-            "none": {},
-        }.get(mechanism, {})
         self.mechanism = build_mechanism(mechanism, n_perturbations, n_latent, **mechanism_kwargs)
         # q(z_b | x [, D(M*E)]), q(z | x) for SVAE+, or q(z | x, D) for the conditional VAE.
         self.basal_encoder = GaussianMLP(n_input, n_latent, n_hidden, n_layers)
-        self.offset_projection = None
-        self.design_projection = None
-        if self.treatment_in_networks and not mean_field_encoder:
-            self.design_projection = nn.Linear(n_perturbations, n_hidden, bias=False)
-        elif not self.mean_field_encoder and not self.treatment_in_networks:
-            self.offset_projection = nn.Linear(n_latent, n_hidden, bias=False)
+        conditioned = not self.mean_field_encoder
+        self.design_projection = (
+            nn.Linear(n_perturbations, n_hidden, bias=False) if conditioned and self.treatment_in_networks else None
+        )
+        self.offset_projection = (
+            nn.Linear(n_latent, n_hidden, bias=False) if conditioned and not self.treatment_in_networks else None
+        )
         # p(x | z, c [, D]).
         self.decoder = ResidualMLP(n_latent, n_hidden, n_layers)
         self.decoder_covariates = CovariateEmbedding(n_cats_per_cov or [], n_hidden)
@@ -175,7 +159,7 @@ class SAMSModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ global variables
     def global_variational_parameters(self) -> list[nn.Parameter]:
-        """Free per-perturbation variational parameters (mask logits; embedding location/scale or one-hot rows)."""
+        """The mechanism's free per-perturbation variational parameters (e.g. mask logits, embedding locations)."""
         return self.mechanism.variational_parameters()
 
     @property
@@ -211,6 +195,12 @@ class SAMSModule(BaseModuleClass):
         weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
         offset = shift.new_zeros(shift.shape[0], design.shape[0], shift.shape[-1])
         return offset.index_add(1, rows, weighted)
+
+    def basal_mean(self, inference_outputs: dict) -> torch.Tensor:
+        """Posterior mean of :math:`z_b`, (S, n, K), from :meth:`inference` outputs (SVAE+ encodes :math:`z = z_b + d`)."""
+        loc = inference_outputs["qz"].loc
+        loc = loc if loc.dim() == 3 else loc[None]  # (S, n, K); S = 1 when the encoder sees only the counts
+        return loc if self.encodes_basal else loc - inference_outputs["offset"]
 
     # ------------------------------------------------------------------ scvi-tools module interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
@@ -312,7 +302,6 @@ class SAMSModule(BaseModuleClass):
         """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
         mu, theta = generative_outputs["mu"], generative_outputs["theta"]
-        x = x.to(mu.dtype)
         nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
         count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
         mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle
@@ -379,14 +368,12 @@ _MECHANISM_ARGUMENTS = {
 }
 
 
-def _check_mechanism_arguments(mechanism: str, **arguments) -> None:
-    """Raise when an argument that the chosen mechanism does not use is set to a non-default value."""
+def _mechanism_arguments(mechanism: str, **arguments) -> dict:
+    """The arguments ``mechanism`` takes; raise when one it does not take is set to a non-default value."""
     if mechanism not in _MECHANISM_ARGUMENTS:
         raise ValueError(f"Unknown mechanism {mechanism!r}; choose from {list(_MECHANISM_ARGUMENTS)}.")
-    unused = [
-        name
-        for name, value in arguments.items()
-        if value != _MECHANISM_DEFAULTS[name] and name not in _MECHANISM_ARGUMENTS[mechanism]
-    ]
+    taken = _MECHANISM_ARGUMENTS[mechanism]
+    unused = [name for name, value in arguments.items() if value != _MECHANISM_DEFAULTS[name] and name not in taken]
     if unused:
         raise ValueError(f"{unused} do not apply to the {mechanism!r} mechanism (model); leave them out.")
+    return {name: value for name, value in arguments.items() if name in taken}
