@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import scvi
 import torch
+from _markdown import markdown_table
 
 import sams_scvi
 
@@ -23,11 +24,9 @@ COLUMNS = ["n_cells", "n_perturbations", "iwelbo", "pearson", "pearson_top20", "
 
 
 def markdown(table: pd.DataFrame) -> str:
-    lines = ["| model | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
-    for name, row in table.iterrows():
-        cells = ["" if pd.isna(v) else f"{v:.0f}" if k.startswith("n_") else f"{v:.3f}" for k, v in row.items()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        table, lambda c, v: "" if pd.isna(v) else f"{v:.0f}" if c.startswith("n_") else f"{v:.3f}", index="model"
+    )
 
 
 def main(epochs: int, fractions: list[float]) -> None:

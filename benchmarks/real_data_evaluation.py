@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scvi
 import torch
+from _markdown import markdown_table
 
 import sams_scvi
 
@@ -77,11 +78,7 @@ def main(epochs: int) -> None:
     ecc = _score(eccite, ecc_split, epochs, "test")
 
     def markdown(table: pd.DataFrame) -> str:
-        lines = ["| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
-        for name, row in table.iterrows():
-            cells = ["" if pd.isna(v) else f"{v:.3g}" for v in row]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return markdown_table(table, lambda _, v: "" if pd.isna(v) else f"{v:.3g}", index="")
 
     text = f"""# Results on the bundled real screens
 
