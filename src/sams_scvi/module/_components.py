@@ -176,9 +176,3 @@ class _NegativeBinomialMeanTerms(torch.autograd.Function):
         grad_mu = ratio.mul_(-grad[..., None])
         grad_mu[..., rows, genes] += grad_nonzero * (1.0 / mu_nonzero - inv_t_nonzero)
         return None, grad_mu, grad_theta, None, None
-
-
-def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Draw counts from the Gamma-Poisson mixture with mean ``mu`` and inverse dispersion ``theta``."""
-    rate = torch.distributions.Gamma(theta.expand_as(mu), theta / mu).sample()
-    return torch.poisson(rate)

@@ -17,9 +17,9 @@ from ._components import (
     ResidualMLP,
     negative_binomial_count_terms,
     negative_binomial_mean_terms,
-    sample_negative_binomial,
 )
 from ._mechanisms import MechanismName, build_mechanism
+from ._sampling import sample_negative_binomial
 
 _MEAN_EPS = 1e-4  # the reference's Gamma-Poisson rate theta / (mu + 1e-4): the NB mean is mu + 1e-4
 

@@ -1,0 +1,126 @@
+"""The compiled negative-binomial sampler: each stage against its exact distribution, seeding, and the ATE sums."""
+
+import numba
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from sams_scvi.module import _sampling
+from sams_scvi.module._sampling import log_normalized_sums, sample_negative_binomial
+
+N_DRAWS = 60_000
+
+
+@numba.njit
+def _normals(n, seed, tables):
+    out = np.empty(n)
+    state = _sampling._row_state(seed, 0)
+    for i in range(n):
+        out[i], state = _sampling._normal(state, tables)
+    return out
+
+
+@numba.njit
+def _poissons(rate, n, seed, tables):
+    out = np.empty(n)
+    state = _sampling._row_state(seed, 0)
+    for i in range(n):
+        out[i], state = _sampling._poisson(rate, state, tables)
+    return out
+
+
+def _chi_square_pvalue(draws: np.ndarray, pmf) -> float:
+    """Goodness of fit of integer draws to ``pmf``, merging categories until each expects at least 20 draws."""
+    top = int(draws.max())
+    observed = np.bincount(draws.astype(np.int64), minlength=top + 1).astype(float)
+    expected = pmf(np.arange(top + 1)) * draws.size
+    expected[-1] += draws.size - expected.sum()  # the upper tail joins the last category
+    bins_obs, bins_exp, acc_o, acc_e = [], [], 0.0, 0.0
+    for o, e in zip(observed, expected, strict=True):
+        acc_o, acc_e = acc_o + o, acc_e + e
+        if acc_e >= 20:
+            bins_obs.append(acc_o)
+            bins_exp.append(acc_e)
+            acc_o = acc_e = 0.0
+    bins_obs[-1] += acc_o
+    bins_exp[-1] += acc_e
+    assert len(bins_obs) >= 2
+    return stats.chisquare(bins_obs, bins_exp).pvalue
+
+
+def test_ziggurat_normal_is_standard_normal():
+    draws = _normals(200_000, 1, _sampling._TABLES)
+    assert stats.kstest(draws, "norm").pvalue > 1e-3
+    # the tail beyond the ziggurat's base layer (|x| > 3.44) is drawn by a separate branch
+    assert abs(np.mean(np.abs(draws) > 3.0) - 2 * stats.norm.sf(3.0)) < 4 * np.sqrt(2 * stats.norm.sf(3.0) / 2e5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 4.0, 9.99, 10.0, 37.5, 2500.0])
+def test_poisson_matches_pmf(rate):
+    n = 4 * N_DRAWS
+    draws = _poissons(rate, n, 7, _sampling._TABLES)
+    if rate == 0.0:
+        assert np.all(draws == 0)
+        return
+    assert _chi_square_pvalue(draws, lambda k: stats.poisson.pmf(k, rate)) > 1e-3
+    # moments catch small shifts that spread over many categories
+    assert abs(draws.mean() - rate) < 4.5 * np.sqrt(rate / n)
+    assert abs(draws.var() - rate) < 4.5 * np.sqrt((2 * rate**2 + rate) / n)
+
+
+@pytest.mark.parametrize(
+    ("mu", "theta"),
+    [(0.05, 0.4), (3.0, 1.0), (8.4, 1.0), (8.0, 0.5), (25.0, 3.0), (400.0, 20.0), (2000.0, 0.7)],
+)
+def test_negative_binomial_matches_pmf(mu, theta):
+    """Covers boosted shapes (theta < 1), and Poisson rates on both sides of the inversion/PTRS switch."""
+    torch.manual_seed(0)
+    draws = sample_negative_binomial(torch.full((N_DRAWS, 1), mu), torch.tensor([theta])).numpy().ravel()
+    p = theta / (theta + mu)
+    assert _chi_square_pvalue(draws, lambda k: stats.nbinom.pmf(k, theta, p)) > 1e-3
+    assert abs(draws.mean() - mu) < 5 * np.sqrt((mu + mu**2 / theta) / N_DRAWS)
+
+
+def test_sampler_follows_torch_seed_and_not_thread_count():
+    mu = torch.rand(64, 50) * 30
+    theta = torch.rand(50) * 3 + 0.2
+    threads = torch.get_num_threads()
+    torch.manual_seed(3)
+    first = sample_negative_binomial(mu, theta)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        single_thread = sample_negative_binomial(mu, theta)
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(4)
+    other_seed = sample_negative_binomial(mu, theta)
+    assert torch.equal(first, single_thread)
+    assert not torch.equal(first, other_seed)
+    assert first.shape == mu.shape and first.dtype == mu.dtype
+    assert torch.equal(first, first.round()) and (first >= 0).all()
+
+
+def test_nan_means_give_nan_without_hanging():
+    mu = torch.tensor([[1.0, float("nan"), 50.0]])
+    draws = sample_negative_binomial(mu, torch.ones(3))
+    assert torch.isnan(draws[0, 1]) and not torch.isnan(draws[0, [0, 2]]).any()
+
+
+def test_log_normalized_sums_equal_the_transform_of_the_same_draws():
+    """The fused ATE kernel draws row (s, c) from the stream the counts kernel uses for row s C + c."""
+    n_samples, n_conditions, n_genes = 6, 5, 40
+    mu = torch.rand(n_samples, n_conditions, n_genes) * 20
+    mu[2, 3] = 1e-6  # a row without counts gives zeros
+    theta = torch.rand(n_genes) * 2 + 0.3
+    target = 1e4
+    torch.manual_seed(11)
+    sums, diff_sq = log_normalized_sums(mu, theta, target)
+    torch.manual_seed(11)
+    counts = sample_negative_binomial(mu.reshape(-1, n_genes), theta).double().reshape(mu.shape)
+    assert counts[2, 3].sum() == 0
+    y = torch.log2(1 + target * counts / counts.sum(-1, keepdim=True).clamp(min=1))
+    torch.testing.assert_close(sums, y.sum(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(diff_sq, (y[:, 1:] - y[:, :1]).square().sum(0), rtol=1e-12, atol=1e-9)
+    assert sums.dtype == diff_sq.dtype == torch.float64
