@@ -53,7 +53,7 @@ def test_shapes_for_every_guide_and_encoder(guide, mean_field_encoder, covariate
     assert inference["globals"]["mask"].shape == (S, T, K)
     assert inference["globals"]["kl"].shape == (S, T)
     assert generative["mu"].shape == (S, N, G)
-    assert generative["log_rho"].exp().sum(-1).allclose(torch.ones(S, N))
+    assert generative["rho"].sum(-1).allclose(torch.ones(S, N))
     assert loss.reconstruction_loss["reconstruction_loss"].shape == (N,)
     assert torch.isfinite(loss.loss)
     # control cells (all-zero design rows) have no offset and carry no global KL

@@ -499,7 +499,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 library = out["library"][:, None].expand(-1, len(perturbations))
                 gen = self.module.generative(z, library, covariates, design=target_design)
                 if expression == "normalized":
-                    values = gen["log_rho"].exp().mean(0) * target_sum
+                    values = gen["rho"].mean(0) * target_sum
                 else:
                     values = sample_negative_binomial(gen["mu"], gen["theta"])[0]
                 blocks.append(values.reshape(-1, values.shape[-1]).cpu().numpy())

@@ -279,9 +279,9 @@ class SAMSModule(BaseModuleClass):
             design_shift = self.decoder_design(design)
             shift = design_shift if shift is None else shift + design_shift
         h = self.decoder(z, shift=shift)
-        log_rho = torch.log_softmax(self.decoder_head(h), dim=-1)
-        mu = library[..., None] * log_rho.exp() + _MEAN_EPS
-        return {"log_rho": log_rho, "mu": mu, "theta": self.log_dispersion.exp()}
+        rho = torch.softmax(self.decoder_head(h), dim=-1)
+        mu = rho.mul(library[..., None]).add_(_MEAN_EPS)  # 2 passes over (..., n, G) instead of 4 via log_softmax
+        return {"rho": rho, "mu": mu, "theta": self.log_dispersion.exp()}
 
     def global_kl_share(
         self, design: torch.Tensor, kl: torch.Tensor, perturbation_counts: torch.Tensor | None = None

@@ -27,7 +27,9 @@ from numba import njit, prange
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment
 _ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the row streams before hashing
 _INV_2_53 = 1.0 / 9007199254740992.0
-_PTRS_MIN_RATE = 10.0  # PTRS is valid for rates of at least 10; inversion below
+_TABULATED_RATES = 32  # Poisson rates below this use the tables; PTRS (valid from 10) above
+_RATE_STEP = 0.25  # the tables' grid of rates; the residual rate is below this
+_GUIDE_SIZE = 128  # guide-table entries per tabulated rate
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,17 +53,40 @@ def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return k, w, f
 
 
+def _grid_rate_tables(
+    max_rate: int = _TABULATED_RATES, step: float = _RATE_STEP, n_guide: int = _GUIDE_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Poisson CDFs for the rates 0, step, 2 step, ... below ``max_rate``, and guide tables for their inversion.
+
+    ``cdf[i, k] = P(Poisson(i step) <= k)`` (float64, the last column set to 1: the tail cut there is below
+    1e-20); ``guide[i, j]`` is the smallest k with ``cdf[i, k] >= j / n_guide``, so the search for a uniform u in
+    [j / n_guide, (j + 1) / n_guide) may start there. About 270 kB together, so they stay in cache.
+    """
+    n_counts = max_rate + 12 * int(math.sqrt(max_rate)) + 40
+    counts = np.arange(n_counts)
+    log_factorials = np.array([math.lgamma(k + 1.0) for k in counts])
+    rates = np.arange(0.0, max_rate, step)
+    cdf = np.ones((rates.size, n_counts))
+    for i, rate in enumerate(rates[1:], start=1):
+        cdf[i] = np.minimum(np.cumsum(np.exp(counts * math.log(rate) - rate - log_factorials)), 1.0)
+    cdf[:, -1] = 1.0
+    guide = np.stack([np.searchsorted(row, np.arange(n_guide) / n_guide, side="left") for row in cdf])
+    return cdf, guide.astype(np.float64)
+
+
 _ZIG_R = 3.442619855899  # start of the normal's tail
-# every constant table the kernels read, as one tuple argument: ziggurat (k, w, f), 1 / k, log k!
+# every constant table the kernels read, as one tuple argument: ziggurat (k, w, f), 1 / k, log k!, and the
+# Poisson CDFs on a grid of rates with their guide tables
 _TABLES = (
     *(table.astype(np.float64) for table in _ziggurat_tables()),
     np.array([0.0] + [1.0 / k for k in range(1, 128)]),
     np.array([math.lgamma(k + 1.0) for k in range(1024)]),
+    *_grid_rate_tables(),
 )
 _LOG2_TABLE_SIZE = 64  # per row, log2(1 + x t / sum(x)) is tabulated for counts below this
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _mix(z):
     """SplitMix64 output function (a bijective 64-bit hash)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -69,14 +94,14 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _uniform(state):
     """A uniform on (0, 1] from the top 53 bits, and the advanced state."""
     state = state + _GOLDEN
     return ((_mix(state) >> np.uint64(11)) + np.uint64(1)) * _INV_2_53, state
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _normal(state, tables):
     """A standard normal by the ziggurat: layer from the low 7 bits, signed 32-bit abscissa from the high 32."""
     zig_k, zig_w, zig_f = tables[0], tables[1], tables[2]
@@ -101,7 +126,7 @@ def _normal(state, tables):
             return x, state
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _gamma_unit(d, c, state, tables):
     """Gamma(d + 1/3, 1) by Marsaglia & Tsang (2000); needs d >= 2/3, c = 1 / sqrt(9 d)."""
     while True:
@@ -116,25 +141,38 @@ def _gamma_unit(d, c, state, tables):
             return d * v, state
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _poisson(rate, state, tables):
-    """Poisson(rate): inversion by sequential search below 10, Hörmann's PTRS above."""
+    """Poisson(rate).
+
+    Below 32: Poisson(r) + Poisson(f), with r the rate rounded down to the grid (step 1/4) drawn by guided table
+    inversion (about one step), and f < 1/4 by sequential search after the squeeze 1 - f <= exp(-f) = P(0),
+    which settles most draws without an exp. From 32: Hörmann's (1993) transformed rejection (PTRS).
+    """
     if not rate >= 0.0:  # nan in, nan out (and no endless rejection loop)
         return math.nan, state
-    reciprocals, log_factorials = tables[3], tables[4]
-    if rate < _PTRS_MIN_RATE:
+    reciprocals, log_factorials, cdf, guide = tables[3], tables[4], tables[5], tables[6]
+    if rate < _TABULATED_RATES:
+        row = np.int64(rate * (1.0 / _RATE_STEP))
         u, state = _uniform(state)
-        p = math.exp(-rate)
-        cdf = p
-        k = 0.0
-        while u > cdf:
-            k += 1.0
-            # 1 / k from a table keeps the division off the loop's dependency chain
-            p *= rate * (reciprocals[np.int64(k)] if k < reciprocals.shape[0] else 1.0 / k)
-            cdf += p
-            if p == 0.0 and k > rate:  # rounding left the cdf just below u: the tail is exhausted
+        k = np.int64(guide[row, min(np.int64(u * _GUIDE_SIZE), _GUIDE_SIZE - 1)])
+        while u > cdf[row, k]:
+            k += 1
+        residual = rate - row * _RATE_STEP
+        u, state = _uniform(state)
+        if u <= 1.0 - residual:
+            return float(k), state
+        # u is uniform on (1 - f, 1] here: inversion of Poisson(f) restricted to that range
+        p = math.exp(-residual)
+        cdf_f = p
+        extra = 0.0
+        while u > cdf_f:
+            extra += 1.0
+            p *= residual * reciprocals[np.int64(extra)] if extra < reciprocals.shape[0] else residual / extra
+            cdf_f += p
+            if p == 0.0:
                 break
-        return k, state
+        return k + extra, state
     b = 0.931 + 2.53 * math.sqrt(rate)
     a = -0.059 + 0.02483 * b
     v_r_scaled = 0.9277 * (b - 2.0) - 3.6224  # v <= v_r  <=>  v (b - 2) <= v_r (b - 2), as b > 2
@@ -154,7 +192,7 @@ def _poisson(rate, state, tables):
             return k, state
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _sample_row(mu, genes, state, out, tables):
     """Fill ``out`` (G,) with NB draws for one row of means ``mu`` (G,); returns the row's total and the state.
 
@@ -173,12 +211,12 @@ def _sample_row(mu, genes, state, out, tables):
     return total, state
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _row_state(seed, row):
     return _mix(np.uint64(seed) + np.uint64(row) * _ROW_STRIDE)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _log_normalize_row(counts, total, target_sum, lookup):
     """In place: counts -> log2(1 + target_sum x / max(sum(x), 1)), small counts from a per-row table."""
     factor = target_sum / max(total, 1.0)
@@ -189,14 +227,14 @@ def _log_normalize_row(counts, total, target_sum, lookup):
         counts[g] = lookup[np.int64(x)] if x < lookup.shape[0] else math.log2(1.0 + x * factor)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _counts_kernel(mu, genes, seed, out, tables):
     """NB counts for every row of ``mu`` (R, G), rows in parallel, row r on its own stream."""
     for r in prange(mu.shape[0]):
         _sample_row(mu[r], genes, _row_state(seed, r), out[r], tables)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
     """Accumulate log-normalised draws over samples without storing them.
 
