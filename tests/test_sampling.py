@@ -22,6 +22,15 @@ def _normals(n, seed, tables):
 
 
 @numba.njit
+def _exponentials(n, seed, tables):
+    out = np.empty(n)
+    state = _sampling._row_state(seed, 0)
+    for i in range(n):
+        out[i], state = _sampling._exponential(state, tables)
+    return out
+
+
+@numba.njit
 def _poissons(rate, n, seed, tables):
     out = np.empty(n)
     state = _sampling._row_state(seed, 0)
@@ -54,6 +63,13 @@ def test_ziggurat_normal_is_standard_normal():
     assert stats.kstest(draws, "norm").pvalue > 1e-3
     # the tail beyond the ziggurat's base layer (|x| > 3.44) is drawn by a separate branch
     assert abs(np.mean(np.abs(draws) > 3.0) - 2 * stats.norm.sf(3.0)) < 4 * np.sqrt(2 * stats.norm.sf(3.0) / 2e5)
+
+
+def test_ziggurat_exponential_is_standard_exponential():
+    draws = _exponentials(200_000, 2, _sampling._TABLES)
+    assert stats.kstest(draws, "expon").pvalue > 1e-3
+    # the tail beyond the ziggurat's base layer (x > 7.70) is drawn by a separate branch
+    assert abs(np.mean(draws > 6.0) - np.exp(-6.0)) < 4 * np.sqrt(np.exp(-6.0) / 2e5)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0, 4.7, 31.99, 32.0, 37.5, 2500.0])

@@ -27,6 +27,8 @@ from numba import njit, prange
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment
 _ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the row streams before hashing
 _INV_2_53 = 1.0 / 9007199254740992.0
+_ZIG_R = 3.442619855899  # start of the normal ziggurat's tail
+_ZIG_EXP_R = 7.697117470131487  # start of the exponential ziggurat's tail
 _TABULATED_RATES = 32  # Poisson rates below this use the tables; PTRS (valid from 10) above
 _RATE_STEP = 0.25  # the tables' grid of rates; the residual rate is below this
 _GUIDE_SIZE = 128  # guide-table entries per tabulated rate
@@ -53,6 +55,27 @@ def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return k, w, f
 
 
+def _exponential_ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marsaglia & Tsang's (2000) 256-layer ziggurat for the standard exponential: (k, w, f) tables."""
+    m2 = 4294967296.0
+    de = te = _ZIG_EXP_R
+    ve = 3.949659822581572e-3
+    k = np.zeros(256)
+    w = np.zeros(256)
+    f = np.zeros(256)
+    q = ve / math.exp(-de)
+    k[0] = math.floor(de / q * m2)
+    w[0], w[255] = q / m2, de / m2
+    f[0], f[255] = 1.0, math.exp(-de)
+    for i in range(254, 0, -1):
+        de = -math.log(ve / de + math.exp(-de))
+        k[i + 1] = math.floor(de / te * m2)
+        te = de
+        f[i] = math.exp(-de)
+        w[i] = de / m2
+    return k, w, f
+
+
 def _grid_rate_tables(
     max_rate: int = _TABULATED_RATES, step: float = _RATE_STEP, n_guide: int = _GUIDE_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -74,14 +97,14 @@ def _grid_rate_tables(
     return cdf, guide.astype(np.float64)
 
 
-_ZIG_R = 3.442619855899  # start of the normal's tail
-# every constant table the kernels read, as one tuple argument: ziggurat (k, w, f), 1 / k, log k!, and the
-# Poisson CDFs on a grid of rates with their guide tables
+# every constant table the kernels read, as one tuple argument: the normal's ziggurat (k, w, f), 1 / k, log k!,
+# the Poisson CDFs on a grid of rates with their guide tables, and the exponential's ziggurat (k, w, f)
 _TABLES = (
     *(table.astype(np.float64) for table in _ziggurat_tables()),
     np.array([0.0] + [1.0 / k for k in range(1, 128)]),
     np.array([math.lgamma(k + 1.0) for k in range(1024)]),
     *_grid_rate_tables(),
+    *_exponential_ziggurat_tables(),
 )
 _LOG2_TABLE_SIZE = 64  # per row, log2(1 + x t / sum(x)) is tabulated for counts below this
 
@@ -123,6 +146,26 @@ def _normal(state, tables):
             return (_ZIG_R + t) if h > 0 else -(_ZIG_R + t), state
         u, state = _uniform(state)
         if zig_f[layer] + u * (zig_f[layer - 1] - zig_f[layer]) < math.exp(-0.5 * x * x):
+            return x, state
+
+
+@njit(inline="always", error_model="numpy")
+def _exponential(state, tables):
+    """A standard exponential by the ziggurat: layer from the low 8 bits, 32-bit abscissa from the high 32."""
+    zig_k, zig_w, zig_f = tables[7], tables[8], tables[9]
+    while True:
+        state = state + _GOLDEN
+        bits = _mix(state)
+        layer = np.int64(bits & np.uint64(255))
+        j = np.float64(bits >> np.uint64(32))
+        x = j * zig_w[layer]
+        if j < zig_k[layer]:
+            return x, state
+        if layer == 0:  # the tail beyond r is r + Exp(1)
+            u, state = _uniform(state)
+            return _ZIG_EXP_R - math.log(u), state
+        u, state = _uniform(state)
+        if zig_f[layer] + u * (zig_f[layer - 1] - zig_f[layer]) < math.exp(-x):
             return x, state
 
 
@@ -202,9 +245,9 @@ def _sample_row(mu, genes, state, out, tables):
     total = 0.0
     for g in range(mu.shape[0]):
         rate, state = _gamma_unit(genes[0, g], genes[1, g], state, tables)
-        if genes[3, g] > 0.0:  # shape theta < 1: Gamma(theta) = Gamma(theta + 1) U^(1 / theta)
-            u, state = _uniform(state)
-            rate *= u ** genes[3, g]
+        if genes[3, g] > 0.0:  # shape theta < 1: Gamma(theta) = Gamma(theta + 1) U^(1 / theta) = ... exp(-E / theta)
+            e, state = _exponential(state, tables)
+            rate *= math.exp(-e * genes[3, g])
         count, state = _poisson(rate * genes[2, g] * mu[g], state, tables)
         out[g] = count
         total += count
