@@ -185,3 +185,17 @@ def test_mechanism_point_estimates_are_copies(tapseq):
     before = model.module.mechanism.embedding_loc.detach().clone()
     embeddings.iloc[0, 0] = 1e3
     torch.testing.assert_close(model.module.mechanism.embedding_loc.detach(), before)
+
+
+@pytest.mark.parametrize("mechanism", ["sparse", "dense", "sparse_point", "none"])
+def test_globals_without_kl_are_the_same_draws(mechanism):
+    """``with_kl=False`` (inference) skips the KL but draws the same globals from the same random numbers."""
+    module = SAMSModule(10, 4, n_latent=6, mechanism=mechanism)
+    torch.manual_seed(3)
+    full = module.sample_globals(3)
+    torch.manual_seed(3)
+    light = module.sample_globals(3, with_kl=False)
+    assert "kl" in full and "kl" not in light
+    assert light.keys() == full.keys() - {"kl"}
+    for key in light:
+        torch.testing.assert_close(light[key], full[key], rtol=0, atol=0)

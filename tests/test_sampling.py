@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from sams_scvi.module import _sampling
-from sams_scvi.module._sampling import log_normalized_sums, sample_negative_binomial
+from sams_scvi.module._sampling import accumulate_log_normalized, sample_negative_binomial
 
 N_DRAWS = 60_000
 
@@ -35,7 +35,17 @@ def _poissons(rate, n, seed, tables):
     out = np.empty(n)
     state = _sampling._row_state(seed, 0)
     for i in range(n):
-        out[i], state = _sampling._poisson(rate, state, tables)
+        spare, state = _sampling._uniform(state)
+        out[i], state = _sampling._poisson(rate, spare, state, tables)
+    return out
+
+
+@numba.njit
+def _gammas_with_spares(d, c, n, seed, tables):
+    out = np.empty((n, 2))
+    state = _sampling._row_state(seed, 0)
+    for i in range(n):
+        out[i, 0], out[i, 1], state = _sampling._gamma_unit(d, c, state, tables)
     return out
 
 
@@ -70,6 +80,21 @@ def test_ziggurat_exponential_is_standard_exponential():
     assert stats.kstest(draws, "expon").pvalue > 1e-3
     # the tail beyond the ziggurat's base layer (x > 7.70) is drawn by a separate branch
     assert abs(np.mean(draws > 6.0) - np.exp(-6.0)) < 4 * np.sqrt(np.exp(-6.0) / 2e5)
+
+
+@pytest.mark.parametrize("shape", [0.98, 1.5, 30.0])
+def test_gamma_draws_are_gamma_and_their_spare_uniforms_independent(shape):
+    """The acceptance uniform is recycled: it must be uniform, also given the Gamma draw it accepted."""
+    d = shape - 1.0 / 3.0 if shape >= 1 else shape + 2.0 / 3.0  # theta < 1 is boosted: Gamma(theta + 1) is drawn
+    draws = _gammas_with_spares(d, 1.0 / np.sqrt(9.0 * d), 200_000, 3, _sampling._TABLES)
+    gamma, spare = draws[:, 0], draws[:, 1]
+    assert stats.kstest(gamma, stats.gamma(d + 1.0 / 3.0).cdf).pvalue > 1e-3
+    assert stats.kstest(spare, "uniform").pvalue > 1e-3
+    low = gamma < np.median(gamma)  # rejection happens mostly at extreme normals: test both halves and the tails
+    tails = np.abs(gamma - gamma.mean()) > 2 * gamma.std()
+    for part in (low, ~low, tails):
+        assert stats.kstest(spare[part], "uniform").pvalue > 1e-3
+    assert abs(stats.spearmanr(gamma, spare).statistic) < 4.5 / np.sqrt(gamma.size)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0, 4.7, 31.99, 32.0, 37.5, 2500.0])
@@ -124,19 +149,32 @@ def test_nan_means_give_nan_without_hanging():
     assert torch.isnan(draws[0, 1]) and not torch.isnan(draws[0, [0, 2]]).any()
 
 
-def test_log_normalized_sums_equal_the_transform_of_the_same_draws():
-    """The fused ATE kernel draws row (s, c) from the stream the counts kernel uses for row s C + c."""
+def test_accumulated_log_normalized_sums_equal_the_transform_of_the_same_draws():
+    """The fused ATE kernel draws row (s, c) from the stream the counts kernel uses for row s C + c, and adds."""
     n_samples, n_conditions, n_genes = 6, 5, 40
     mu = torch.rand(n_samples, n_conditions, n_genes) * 20
     mu[2, 3] = 1e-6  # a row without counts gives zeros
     theta = torch.rand(n_genes) * 2 + 0.3
     target = 1e4
+    start_sums = torch.rand(n_conditions, n_genes, dtype=torch.float64)
+    start_diff_sq = torch.rand(n_conditions - 1, n_genes, dtype=torch.float64)
+    sums, diff_sq = start_sums.clone(), start_diff_sq.clone()
     torch.manual_seed(11)
-    sums, diff_sq = log_normalized_sums(mu, theta, target)
+    accumulate_log_normalized(mu, theta, target, sums, diff_sq)
     torch.manual_seed(11)
     counts = sample_negative_binomial(mu.reshape(-1, n_genes), theta).double().reshape(mu.shape)
     assert counts[2, 3].sum() == 0
     y = torch.log2(1 + target * counts / counts.sum(-1, keepdim=True).clamp(min=1))
-    torch.testing.assert_close(sums, y.sum(0), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(diff_sq, (y[:, 1:] - y[:, :1]).square().sum(0), rtol=1e-12, atol=1e-9)
-    assert sums.dtype == diff_sq.dtype == torch.float64
+    torch.testing.assert_close(sums, start_sums + y.sum(0), rtol=1e-12, atol=1e-9)
+    expected_diff_sq = start_diff_sq + (y[:, 1:] - y[:, :1]).square().sum(0)
+    torch.testing.assert_close(diff_sq, expected_diff_sq, rtol=1e-12, atol=1e-9)
+
+
+def test_accumulators_of_the_wrong_shape_or_dtype_are_refused():
+    mu = torch.rand(2, 3, 4)
+    with pytest.raises(ValueError, match="float64"):
+        accumulate_log_normalized(mu, torch.ones(4), 1e4, torch.zeros(3, 4), torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        accumulate_log_normalized(
+            mu, torch.ones(4), 1e4, torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+        )

@@ -4,7 +4,8 @@ Every mechanism owns the per-perturbation global variables, their variational po
 per particle, the latent shift of each atomic perturbation and the KL-type term of its globals:
 
 * ``sample(S)`` -> ``{"shift": (S, T, K), "kl": (S, T), ...}``, with
-  :math:`\mathrm{kl}_{st} = \sum_k \log q(\cdot_{tk}) - \log p(\cdot_{tk})` (a single-sample estimate);
+  :math:`\mathrm{kl}_{st} = \sum_k \log q(\cdot_{tk}) - \log p(\cdot_{tk})` (a single-sample estimate;
+  ``sample(S, with_kl=False)`` leaves it out, for inference);
 * ``point()`` -> the posterior point estimate, ``{"shift": (1, T, K), ...}``;
 * ``variational_parameters()`` -> the free per-perturbation parameters (for their own learning rate).
 
@@ -80,15 +81,18 @@ class SparseMechanism(nn.Module):
             return self.embedding_encoder(mask, shift=self.perturbation_onehot.weight)
         return Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
 
-    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
         logits = self.mask_logits.expand(n_particles, -1, -1)
         mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
         q_embedding = self.embedding_posterior(mask)
         embedding = q_embedding.rsample() if self.guide == "correlated" else q_embedding.rsample((n_particles,))
-        p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
-        log_q = q_embedding.log_prob(embedding) + bernoulli_log_prob(mask, logits)
-        log_p = p_embedding.log_prob(embedding) + bernoulli_log_prob(mask, self.mask_prior_logit)
-        return {"shift": mask * embedding, "mask": mask, "embedding": embedding, "kl": (log_q - log_p).sum(-1)}
+        out = {"shift": mask * embedding, "mask": mask, "embedding": embedding}
+        if with_kl:
+            p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
+            log_q = q_embedding.log_prob(embedding) + bernoulli_log_prob(mask, logits)
+            log_p = p_embedding.log_prob(embedding) + bernoulli_log_prob(mask, self.mask_prior_logit)
+            out["kl"] = (log_q - log_p).sum(-1)
+        return out
 
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
@@ -118,11 +122,14 @@ class DenseMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.embedding_loc, self.embedding_log_scale]
 
-    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
         q_embedding = Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
         embedding = q_embedding.rsample((n_particles,))
-        kl = q_embedding.log_prob(embedding) - Normal(0.0, self.embedding_prior_scale).log_prob(embedding)
-        return {"shift": embedding, "embedding": embedding, "kl": kl.sum(-1)}
+        out = {"shift": embedding, "embedding": embedding}
+        if with_kl:
+            kl = q_embedding.log_prob(embedding) - Normal(0.0, self.embedding_prior_scale).log_prob(embedding)
+            out["kl"] = kl.sum(-1)
+        return out
 
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
@@ -164,14 +171,16 @@ class SparsePointMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.mask_logits, self.means]
 
-    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
         logits = self.mask_logits.expand(n_particles, -1, -1)
         mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
-        # log Beta(pi; 1, b) = log b + (b - 1) log(1 - pi), with log(1 - pi) from the logits (stable when saturated)
-        beta = self.mask_prior_beta
-        log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-self.mask_logits)
-        kl = (-log_prior.sum(-1)).expand(n_particles, -1)
-        return {"shift": mask * self.means, "mask": mask, "embedding": self.means.expand_as(mask), "kl": kl}
+        out = {"shift": mask * self.means, "mask": mask, "embedding": self.means.expand_as(mask)}
+        if with_kl:
+            # log Beta(pi; 1, b) = log b + (b - 1) log(1 - pi), with log(1 - pi) from the logits (stable when saturated)
+            beta = self.mask_prior_beta
+            log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-self.mask_logits)
+            out["kl"] = (-log_prior.sum(-1)).expand(n_particles, -1)
+        return out
 
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
@@ -193,12 +202,12 @@ class NoMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def sample(self, n_particles: int) -> dict[str, torch.Tensor]:
+    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
         zeros = self._anchor.new_zeros
-        return {
-            "shift": zeros(n_particles, self.n_perturbations, self.n_latent),
-            "kl": zeros(n_particles, self.n_perturbations),
-        }
+        out = {"shift": zeros(n_particles, self.n_perturbations, self.n_latent)}
+        if with_kl:
+            out["kl"] = zeros(n_particles, self.n_perturbations)
+        return out
 
     @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
