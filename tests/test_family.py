@@ -199,3 +199,18 @@ def test_globals_without_kl_are_the_same_draws(mechanism):
     assert light.keys() == full.keys() - {"kl"}
     for key in light:
         torch.testing.assert_close(light[key], full[key], rtol=0, atol=0)
+
+
+def test_masks_drawn_without_autograd_are_the_same_draws():
+    """Inference draws the mask's forward value only; it must equal the straight-through sample's."""
+    module = SAMSModule(10, 40, n_latent=30, mechanism="sparse")
+    with torch.no_grad():
+        module.mechanism.mask_logits.normal_(0, 3)
+    torch.manual_seed(5)
+    with_grad = module.sample_globals(20)["mask"]
+    assert with_grad.requires_grad
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        without = module.sample_globals(20, with_kl=False)["mask"]
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+    assert 0.2 < without.mean() < 0.8

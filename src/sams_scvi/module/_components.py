@@ -77,10 +77,13 @@ class CovariateEmbedding(nn.Module):
 def relaxed_bernoulli_straight_through(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hard {0, 1} sample of ``Bernoulli(sigmoid(logits))`` with the binary-Concrete gradient.
 
-    Forward: ``1[sigmoid((logits + L) / temperature) > 0.5]`` with logistic noise ``L``, an exact Bernoulli draw.
-    Backward: the gradient of the relaxed sample (straight-through Gumbel-softmax).
+    Forward: ``1[sigmoid((logits + L) / temperature) > 0.5]`` with logistic noise ``L = log u - log(1 - u)``, an
+    exact Bernoulli draw. Backward: the gradient of the relaxed sample (straight-through Gumbel-softmax). Without
+    autograd only the forward value is computed, as the equivalent ``1[u > sigmoid(-logits)]`` (same ``u``).
     """
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return (u > torch.sigmoid(-logits)).to(logits.dtype)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     return _StraightThrough.apply(hard, soft)
