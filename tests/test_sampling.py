@@ -15,37 +15,37 @@ N_DRAWS = 60_000
 @numba.njit
 def _normals(n, seed, tables):
     out = np.empty(n)
-    state = _sampling._row_state(seed, 0)
+    s0, s1 = _sampling._row_state(seed, 0)
     for i in range(n):
-        out[i], state = _sampling._normal(state, tables)
+        out[i], s0, s1 = _sampling._normal(s0, s1, tables)
     return out
 
 
 @numba.njit
 def _exponentials(n, seed, tables):
     out = np.empty(n)
-    state = _sampling._row_state(seed, 0)
+    s0, s1 = _sampling._row_state(seed, 0)
     for i in range(n):
-        out[i], state = _sampling._exponential(state, tables)
+        out[i], s0, s1 = _sampling._exponential(s0, s1, tables)
     return out
 
 
 @numba.njit
 def _poissons(rate, n, seed, tables):
     out = np.empty(n)
-    state = _sampling._row_state(seed, 0)
+    s0, s1 = _sampling._row_state(seed, 0)
     for i in range(n):
-        spare, state = _sampling._uniform(state)
-        out[i], state = _sampling._poisson(rate, spare, state, tables)
+        spare, s0, s1 = _sampling._uniform(s0, s1)
+        out[i], s0, s1 = _sampling._poisson(rate, spare, s0, s1, tables)
     return out
 
 
 @numba.njit
 def _gammas_with_spares(d, c, n, seed, tables):
     out = np.empty((n, 2))
-    state = _sampling._row_state(seed, 0)
+    s0, s1 = _sampling._row_state(seed, 0)
     for i in range(n):
-        out[i, 0], out[i, 1], state = _sampling._gamma_unit(d, c, state, tables)
+        out[i, 0], out[i, 1], s0, s1 = _sampling._gamma_unit(d, c, s0, s1, tables)
     return out
 
 
@@ -178,3 +178,24 @@ def test_accumulators_of_the_wrong_shape_or_dtype_are_refused():
         accumulate_log_normalized(
             mu, torch.ones(4), 1e4, torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
         )
+
+
+@numba.njit
+def _row_uniforms(seed, n_rows, n):
+    out = np.empty((n_rows, n))
+    for r in range(n_rows):
+        s0, s1 = _sampling._row_state(seed, r)
+        for i in range(n):
+            out[r, i], s0, s1 = _sampling._uniform(s0, s1)
+    return out
+
+
+def test_row_streams_are_uniform_and_uncorrelated():
+    """Neighbouring rows (and seeds) get unrelated streams: the kernels give row r the stream of (seed, r)."""
+    n = 20_000
+    rows = np.vstack([_row_uniforms(5, 32, n), _row_uniforms(6, 1, n)])
+    assert stats.kstest(rows.ravel(), "uniform").pvalue > 1e-3
+    correlations = np.corrcoef(rows)[np.triu_indices(rows.shape[0], k=1)]
+    assert np.abs(correlations).max() < 4.5 / np.sqrt(n)
+    lagged = np.corrcoef(rows[:, :-1].ravel(), rows[:, 1:].ravel())[0, 1]  # consecutive draws within a stream
+    assert abs(lagged) < 4.5 / np.sqrt(rows.size)

@@ -11,8 +11,11 @@ of scanpy) at ~10-20 ns per value. The distribution is the same, exactly:
 with Marsaglia & Tsang's (2000) Gamma sampler (standard normals by their ziggurat; shapes below 1 boosted by
 :math:`U^{1/\theta} = e^{-E/\theta}`, E from the exponential ziggurat), and Poisson by guided inversion of
 tabulated CDFs on a grid of rates below 32 (plus a Poisson draw for the residual rate) and Hörmann's (1993)
-transformed rejection (PTRS) above. Uniforms come from SplitMix64 streams, one per row, hashed from a seed drawn
-from torch's generator, so results follow ``torch.manual_seed`` and do not depend on the number of threads.
+transformed rejection (PTRS) above. Random bits come from xoroshiro128++ streams, one per row, seeded by
+SplitMix64 from a seed drawn from torch's generator and the row, so results follow ``torch.manual_seed`` and do
+not depend on the number of threads. The state is threaded through the inlined samplers as two scalars
+``s0, s1``.
+
 On other devices torch's own samplers are used.
 """
 
@@ -26,7 +29,7 @@ import torch
 from numba import njit, prange
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment
-_ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the row streams before hashing
+_ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the rows' seeds before SplitMix64
 _INV_2_53 = 1.0 / 9007199254740992.0
 _ZIG_R = 3.442619855899  # start of the normal ziggurat's tail
 _ZIG_EXP_R = 7.697117470131487  # start of the exponential ziggurat's tail
@@ -120,83 +123,94 @@ def _mix(z):
 
 
 @njit(inline="always", error_model="numpy")
-def _uniform(state):
-    """A uniform on (0, 1] from the top 53 bits, and the advanced state."""
-    state = state + _GOLDEN
-    return ((_mix(state) >> np.uint64(11)) + np.uint64(1)) * _INV_2_53, state
+def _rotl(x, k):
+    return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
 
 
 @njit(inline="always", error_model="numpy")
-def _normal(state, tables):
+def _next(s0, s1):
+    """xoroshiro128++ (Blackman & Vigna, 2021): 64 random bits and the advanced state (s0, s1)."""
+    result = _rotl(s0 + s1, 17) + s0
+    s1 = s1 ^ s0
+    return result, _rotl(s0, 49) ^ s1 ^ (s1 << np.uint64(21)), _rotl(s1, 28)
+
+
+@njit(inline="always", error_model="numpy")
+def _uniform(s0, s1):
+    """A uniform on (0, 1] from the top 53 bits, and the advanced state."""
+    bits, s0, s1 = _next(s0, s1)
+    return ((bits >> np.uint64(11)) + np.uint64(1)) * _INV_2_53, s0, s1
+
+
+@njit(inline="always", error_model="numpy")
+def _normal(s0, s1, tables):
     """A standard normal by the ziggurat: layer from the low 7 bits, signed 32-bit abscissa from the high 32."""
     zig_k, zig_w, zig_f = tables[0], tables[1], tables[2]
     while True:
-        state = state + _GOLDEN
-        bits = _mix(state)
+        bits, s0, s1 = _next(s0, s1)
         layer = np.int64(bits & np.uint64(127))
         h = np.int64(np.int32(np.uint32(bits >> np.uint64(32))))
         x = h * zig_w[layer]
         if abs(h) < zig_k[layer]:
-            return x, state
+            return x, s0, s1
         if layer == 0:  # the tail beyond r, by Marsaglia's (1964) method
             while True:
-                u1, state = _uniform(state)
-                u2, state = _uniform(state)
+                u1, s0, s1 = _uniform(s0, s1)
+                u2, s0, s1 = _uniform(s0, s1)
                 t = -math.log(u1) / _ZIG_R
                 if -2.0 * math.log(u2) >= t * t:
                     break
-            return (_ZIG_R + t) if h > 0 else -(_ZIG_R + t), state
-        u, state = _uniform(state)
+            return (_ZIG_R + t) if h > 0 else -(_ZIG_R + t), s0, s1
+        u, s0, s1 = _uniform(s0, s1)
         if zig_f[layer] + u * (zig_f[layer - 1] - zig_f[layer]) < math.exp(-0.5 * x * x):
-            return x, state
+            return x, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
-def _exponential(state, tables):
+def _exponential(s0, s1, tables):
     """A standard exponential by the ziggurat: layer from the low 8 bits, 32-bit abscissa from the high 32."""
     zig_k, zig_w, zig_f = tables[7], tables[8], tables[9]
     while True:
-        state = state + _GOLDEN
-        bits = _mix(state)
+        bits, s0, s1 = _next(s0, s1)
         layer = np.int64(bits & np.uint64(255))
         j = np.float64(bits >> np.uint64(32))
         x = j * zig_w[layer]
         if j < zig_k[layer]:
-            return x, state
+            return x, s0, s1
         if layer == 0:  # the tail beyond r is r + Exp(1)
-            u, state = _uniform(state)
-            return _ZIG_EXP_R - math.log(u), state
-        u, state = _uniform(state)
+            u, s0, s1 = _uniform(s0, s1)
+            return _ZIG_EXP_R - math.log(u), s0, s1
+        u, s0, s1 = _uniform(s0, s1)
         if zig_f[layer] + u * (zig_f[layer - 1] - zig_f[layer]) < math.exp(-x):
-            return x, state
+            return x, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
-def _gamma_unit(d, c, state, tables):
+def _gamma_unit(d, c, s0, s1, tables):
     """Gamma(d + 1/3, 1) by Marsaglia & Tsang (2000); needs d >= 2/3, c = 1 / sqrt(9 d).
 
-    Returns the draw, a spare uniform independent of it, and the state. The spare recycles the acceptance
+    Returns the draw, a spare uniform independent of it, and the s0, s1. The spare recycles the acceptance
     uniform: accepted by the squeeze ``u < s(x)``, ``u`` is uniform on (0, s(x)) whatever ``x``, so ``u / s(x)`` is
-    a fresh uniform (one hash fewer per value); after the rare exact test a new uniform is drawn.
+    a fresh uniform (one draw of 64 bits fewer per value); after the rare exact test a new uniform is drawn.
     """
     while True:
-        x, state = _normal(state, tables)
+        x, s0, s1 = _normal(s0, s1, tables)
         v = 1.0 + c * x
         if v <= 0.0:
             continue
         v = v * v * v
-        u, state = _uniform(state)
+        u, s0, s1 = _uniform(s0, s1)
         x2 = x * x
         squeeze = 1.0 - 0.0331 * x2 * x2
         if u < squeeze:
-            return d * v, u / squeeze, state
+            return d * v, u / squeeze, s0, s1
         if math.log(u) < 0.5 * x2 + d * (1.0 - v + math.log(v)):
-            spare, state = _uniform(state)
-            return d * v, spare, state
+            spare, s0, s1 = _uniform(s0, s1)
+            return d * v, spare, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
-def _poisson(rate, spare, state, tables):
+def _poisson(rate, spare, s0, s1, tables):
     """Poisson(rate), given a uniform ``spare`` independent of everything else.
 
     Below 32: Poisson(r) + Poisson(f), with r the rate rounded down to the grid (step 1/4) drawn by guided table
@@ -205,18 +219,18 @@ def _poisson(rate, spare, state, tables):
     rejection (PTRS), which ignores ``spare``.
     """
     if not rate >= 0.0:  # nan in, nan out (and no endless rejection loop)
-        return math.nan, state
+        return math.nan, s0, s1
     reciprocals, log_factorials, cdf, guide = tables[3], tables[4], tables[5], tables[6]
     if rate < _TABULATED_RATES:
         row = np.int64(rate * (1.0 / _RATE_STEP))
-        u, state = _uniform(state)
+        u, s0, s1 = _uniform(s0, s1)
         k = np.int64(guide[row, min(np.int64(u * _GUIDE_SIZE), _GUIDE_SIZE - 1)])
         while u > cdf[row, k]:
             k += 1
         residual = rate - row * _RATE_STEP
         u = spare
         if u <= 1.0 - residual:
-            return float(k), state
+            return float(k), s0, s1
         # u is uniform on (1 - f, 1] here: inversion of Poisson(f) restricted to that range
         p = math.exp(-residual)
         cdf_f = p
@@ -227,28 +241,28 @@ def _poisson(rate, spare, state, tables):
             cdf_f += p
             if p == 0.0:
                 break
-        return k + extra, state
+        return k + extra, s0, s1
     b = 0.931 + 2.53 * math.sqrt(rate)
     a = -0.059 + 0.02483 * b
     v_r_scaled = 0.9277 * (b - 2.0) - 3.6224  # v <= v_r  <=>  v (b - 2) <= v_r (b - 2), as b > 2
     while True:
-        u, state = _uniform(state)
+        u, s0, s1 = _uniform(s0, s1)
         u -= 0.5
-        v, state = _uniform(state)
+        v, s0, s1 = _uniform(s0, s1)
         us = 0.5 - abs(u)
         k = math.floor((2.0 * a / us + b) * u + rate + 0.43)
         if us >= 0.07 and v * (b - 2.0) <= v_r_scaled:
-            return k, state
+            return k, s0, s1
         if k < 0.0 or (us < 0.013 and v > us):
             continue
         inv_alpha = 1.1239 + 1.1328 / (b - 3.4)
         log_k_factorial = log_factorials[np.int64(k)] if k < log_factorials.shape[0] else math.lgamma(k + 1.0)
         if math.log(v * inv_alpha / (a / (us * us) + b)) <= -rate + k * math.log(rate) - log_k_factorial:
-            return k, state
+            return k, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
-def _sample_row(mu, genes, state, out, tables):
+def _sample_row(mu, genes, s0, s1, out, tables):
     """Fill ``out`` (G,) with NB draws for one row of means ``mu`` (G,); returns the row's total and the state.
 
     ``genes`` (4, G): Marsaglia-Tsang's d and c for the (boosted) shape, 1 / theta, and 1 / theta where
@@ -256,19 +270,21 @@ def _sample_row(mu, genes, state, out, tables):
     """
     total = 0.0
     for g in range(mu.shape[0]):
-        rate, spare, state = _gamma_unit(genes[0, g], genes[1, g], state, tables)
+        rate, spare, s0, s1 = _gamma_unit(genes[0, g], genes[1, g], s0, s1, tables)
         if genes[3, g] > 0.0:  # shape theta < 1: Gamma(theta) = Gamma(theta + 1) U^(1 / theta) = ... exp(-E / theta)
-            e, state = _exponential(state, tables)
+            e, s0, s1 = _exponential(s0, s1, tables)
             rate *= math.exp(-e * genes[3, g])
-        count, state = _poisson(rate * genes[2, g] * mu[g], spare, state, tables)
+        count, s0, s1 = _poisson(rate * genes[2, g] * mu[g], spare, s0, s1, tables)
         out[g] = count
         total += count
-    return total, state
+    return total, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
 def _row_state(seed, row):
-    return _mix(np.uint64(seed) + np.uint64(row) * _ROW_STRIDE)
+    """The xoroshiro128++ state (s0, s1) of a row's stream: two SplitMix64 outputs from the seed and the row."""
+    base = np.uint64(seed) + np.uint64(row) * _ROW_STRIDE
+    return _mix(base), _mix(base + _GOLDEN)
 
 
 @njit(inline="always", error_model="numpy")
@@ -286,7 +302,8 @@ def _log_normalize_row(counts, total, target_sum, lookup):
 def _counts_kernel(mu, genes, seed, out, tables):
     """NB counts for every row of ``mu`` (R, G), rows in parallel, row r on its own stream."""
     for r in prange(mu.shape[0]):
-        _sample_row(mu[r], genes, _row_state(seed, r), out[r], tables)
+        s0, s1 = _row_state(seed, r)
+        _sample_row(mu[r], genes, s0, s1, out[r], tables)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -300,7 +317,8 @@ def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
     control = np.empty((n_samples, n_genes))
     for s in prange(n_samples):
         lookup = np.empty(_LOG2_TABLE_SIZE)
-        total, _ = _sample_row(mu[s, 0], genes, _row_state(seed, s * n_conditions), control[s], tables)
+        s0, s1 = _row_state(seed, s * n_conditions)
+        total, _, _ = _sample_row(mu[s, 0], genes, s0, s1, control[s], tables)
         _log_normalize_row(control[s], total, target_sum, lookup)
     for s in range(n_samples):
         for g in range(n_genes):
@@ -309,7 +327,8 @@ def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
         y = np.empty(n_genes)
         lookup = np.empty(_LOG2_TABLE_SIZE)
         for s in range(n_samples):
-            total, _ = _sample_row(mu[s, c], genes, _row_state(seed, s * n_conditions + c), y, tables)
+            s0, s1 = _row_state(seed, s * n_conditions + c)
+            total, _, _ = _sample_row(mu[s, c], genes, s0, s1, y, tables)
             _log_normalize_row(y, total, target_sum, lookup)
             for g in range(n_genes):
                 sums[c, g] += y[g]
