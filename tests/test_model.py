@@ -185,6 +185,35 @@ def test_batch_covariates_and_mudata(tapseq):
     assert pred.n_vars == adata.n_vars
 
 
+def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
+    """Blocks of globals split into chunks (the last ones partial): every sample decoded once, inputs aligned."""
+    adata = tapseq[:600].copy()
+    adata.obs["replicate"] = np.where(np.arange(adata.n_obs) % 2, "r1", "r2")
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", batch_key="replicate")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    model.module.eval()
+    model.is_trained_ = True
+    decoded, accumulated = [], []
+    generative, accumulate = model.module.generative, sams_scvi.model._base.accumulate_log_normalized
+
+    def recording_generative(z, library, covariates=None, design=None):
+        decoded.append((z.shape[:2], library.shape, covariates.shape[:2]))
+        return generative(z, library, covariates, design=design)
+
+    def recording_accumulate(mu, *args):
+        accumulated.append(mu.shape[0])
+        return accumulate(mu, *args)
+
+    monkeypatch.setattr(model.module, "generative", recording_generative)
+    monkeypatch.setattr(sams_scvi.model._base, "accumulate_log_normalized", recording_accumulate)
+    ate = model.estimate_ate(["CPQ", "STK3"], n_samples=23, batch_size=3, progress_bar=False)
+    # chunks of 3 in blocks of 6 globals: 6 + 6 + 6 + 5 samples -> chunks 3, 3 | 3, 3 | 3, 3 | 3, 2
+    assert accumulated == [3, 3, 3, 3, 3, 3, 3, 2]
+    assert [shapes[0] for shapes in decoded] == [(n, 3) for n in accumulated]  # control + 2 labels
+    assert all(z == library == covariates for z, library, covariates in decoded)
+    assert np.all(np.isfinite(ate.X))
+
+
 def test_mean_field_variants_train(tapseq):
     adata = tapseq[:1000].copy()
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")

@@ -170,7 +170,7 @@ def test_accumulated_log_normalized_sums_equal_the_transform_of_the_same_draws()
     torch.testing.assert_close(diff_sq, expected_diff_sq, rtol=1e-12, atol=1e-9)
 
 
-def test_accumulators_of_the_wrong_shape_or_dtype_are_refused():
+def test_accumulators_of_the_wrong_shape_dtype_device_or_layout_are_refused():
     mu = torch.rand(2, 3, 4)
     with pytest.raises(ValueError, match="float64"):
         accumulate_log_normalized(mu, torch.ones(4), 1e4, torch.zeros(3, 4), torch.zeros(2, 4, dtype=torch.float64))
@@ -178,6 +178,13 @@ def test_accumulators_of_the_wrong_shape_or_dtype_are_refused():
         accumulate_log_normalized(
             mu, torch.ones(4), 1e4, torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
         )
+    float64 = {"dtype": torch.float64}
+    with pytest.raises(ValueError, match="on cpu"):
+        accumulate_log_normalized(
+            mu, torch.ones(4), 1e4, torch.zeros(3, 4, device="meta", **float64), torch.zeros(2, 4, **float64)
+        )
+    with pytest.raises(ValueError, match="contiguous"):
+        accumulate_log_normalized(mu, torch.ones(4), 1e4, torch.zeros(4, 3, **float64).T, torch.zeros(2, 4, **float64))
 
 
 @numba.njit
@@ -199,3 +206,24 @@ def test_row_streams_are_uniform_and_uncorrelated():
     assert np.abs(correlations).max() < 4.5 / np.sqrt(n)
     lagged = np.corrcoef(rows[:, :-1].ravel(), rows[:, 1:].ravel())[0, 1]  # consecutive draws within a stream
     assert abs(lagged) < 4.5 / np.sqrt(rows.size)
+
+
+@numba.njit
+def _poissons_with_spare(rate, spare, n, seed, tables):
+    out = np.empty(n)
+    s0, s1 = _sampling._row_state(seed, 0)
+    for i in range(n):
+        out[i], s0, s1 = _sampling._poisson(rate, spare, s0, s1, tables)
+    return out
+
+
+def test_the_largest_uniforms_give_tail_counts_not_outliers():
+    """Near u = 1, inversion must stop in the far tail: not at the table's last column, nor after p underflows."""
+    cdf = _sampling._TABLES[5]
+    rates = np.arange(cdf.shape[0]) * _sampling._RATE_STEP
+    for rate, row in zip(rates[1:], cdf[1:], strict=True):
+        k = int(np.searchsorted(row, _sampling._BELOW_ONE))  # the count the largest uniform gives
+        assert k < row.size - 1 and stats.poisson.sf(k - 1, rate) < 1e-12  # cumsum rounding: ~1e-14
+    for rate in (0.1, 4.9, 31.99):  # the residual's inversion, fed the largest spare uniform
+        draws = _poissons_with_spare(rate, _sampling._BELOW_ONE, 2000, 3, _sampling._TABLES)
+        assert draws.max() < rate + 12 * np.sqrt(rate) + 10

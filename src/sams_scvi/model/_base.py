@@ -489,7 +489,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
 
         blocks = []
         with _seeded(seed, self.device):
-            globals_ = self.module.sample_globals(n_draws)
+            globals_ = self.module.sample_globals(n_draws, with_kl=False)
             shifts = self.module.latent_offset(target_design, globals_["shift"])  # (S, P, K)
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):

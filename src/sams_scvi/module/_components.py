@@ -79,7 +79,8 @@ def relaxed_bernoulli_straight_through(logits: torch.Tensor, temperature: float)
 
     Forward: ``1[sigmoid((logits + L) / temperature) > 0.5]`` with logistic noise ``L = log u - log(1 - u)``, an
     exact Bernoulli draw. Backward: the gradient of the relaxed sample (straight-through Gumbel-softmax). Without
-    autograd only the forward value is computed, as the equivalent ``1[u > sigmoid(-logits)]`` (same ``u``).
+    autograd only the forward value is computed, as the equivalent ``1[u > sigmoid(-logits)]`` from the same ``u``
+    (the same draws, except where the relaxed sample rounds to exactly 1/2, e.g. at very high temperatures).
     """
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     if not (torch.is_grad_enabled() and logits.requires_grad):

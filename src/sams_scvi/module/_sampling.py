@@ -31,6 +31,7 @@ from numba import njit, prange
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment
 _ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the rows' seeds before SplitMix64
 _INV_2_53 = 1.0 / 9007199254740992.0
+_BELOW_ONE = 1.0 - _INV_2_53  # the largest uniform
 _ZIG_R = 3.442619855899  # start of the normal ziggurat's tail
 _ZIG_EXP_R = 7.697117470131487  # start of the exponential ziggurat's tail
 _TABULATED_RATES = 32  # Poisson rates below this use the tables; PTRS (valid from 10) above
@@ -95,10 +96,14 @@ def _grid_rate_tables(
     rates = np.arange(0.0, max_rate, step)
     cdf = np.ones((rates.size, n_counts))
     for i, rate in enumerate(rates[1:], start=1):
-        cdf[i] = np.minimum(np.cumsum(np.exp(counts * math.log(rate) - rate - log_factorials)), 1.0)
-    cdf[:, -1] = 1.0
+        pmf = np.exp(counts * math.log(rate) - rate - log_factorials)
+        cdf[i] = np.minimum(np.cumsum(pmf), 1.0)
+        # where the tail beyond k is below float64 resolution, cdf = 1 exactly (a rounded cumsum may stall
+        # just below 1, and a uniform above it would otherwise run to the last column)
+        cdf[i, np.flatnonzero((counts > rate) & (pmf < 1e-17))[0] :] = 1.0
     guide = np.stack([np.searchsorted(row, np.arange(n_guide) / n_guide, side="left") for row in cdf])
-    assert n_counts <= 256, "guide entries are stored as uint8"
+    if n_counts > 256:
+        raise ValueError("guide entries are stored as uint8: at most 256 counts per tabulated rate")
     return cdf, guide.astype(np.uint8)  # uint8: 16 kB, so the guide stays in the L1 cache (~4% faster than float64)
 
 
@@ -137,9 +142,9 @@ def _next(s0, s1):
 
 @njit(inline="always", error_model="numpy")
 def _uniform(s0, s1):
-    """A uniform on (0, 1] from the top 53 bits, and the advanced state."""
+    """A uniform on (0, 1) (never 0 or 1) from the top 53 bits, and the advanced state."""
     bits, s0, s1 = _next(s0, s1)
-    return ((bits >> np.uint64(11)) + np.uint64(1)) * _INV_2_53, s0, s1
+    return (np.float64(np.int64(bits >> np.uint64(11))) + 0.5) * _INV_2_53, s0, s1
 
 
 @njit(inline="always", error_model="numpy")
@@ -203,7 +208,7 @@ def _gamma_unit(d, c, s0, s1, tables):
         x2 = x * x
         squeeze = 1.0 - 0.0331 * x2 * x2
         if u < squeeze:
-            return d * v, u / squeeze, s0, s1
+            return d * v, min(u / squeeze, _BELOW_ONE), s0, s1  # the quotient may round up to 1
         if math.log(u) < 0.5 * x2 + d * (1.0 - v + math.log(v)):
             spare, s0, s1 = _uniform(s0, s1)
             return d * v, spare, s0, s1
@@ -239,7 +244,7 @@ def _poisson(rate, spare, s0, s1, tables):
             extra += 1.0
             p *= residual * reciprocals[np.int64(extra)] if extra < reciprocals.shape[0] else residual / extra
             cdf_f += p
-            if p == 0.0:
+            if p < 1e-17:  # the rest of the tail is below float64 resolution (a rounded cdf may stall below u)
                 break
         return k + extra, s0, s1
     b = 0.931 + 2.53 * math.sqrt(rate)
