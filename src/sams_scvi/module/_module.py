@@ -45,14 +45,14 @@ class SAMSModule(BaseModuleClass):
     The paper's comparison models share everything here and differ only in ``mechanism``
     (:mod:`sams_scvi.module._mechanisms`), i.e. in how the latent shift is built and what is global:
 
-    ================  ==========================================  ===============================================
-    ``mechanism``     latent                                      encoder / decoder
-    ================  ==========================================  ===============================================
-    ``"sparse"``      SAMS-VAE: :math:`z = z_b + D(M \odot E)`    encoder sees :math:`x` [and the offset]
-    ``"dense"``       CPA-VAE: :math:`z = z_b + D E`               encoder sees :math:`x` [and the offset]
-    ``"sparse_point"`` SVAE+: :math:`z \sim N(D(M \odot \mu), I)`  :math:`q(z \mid x)`, no treatment input
-    ``"none"``        conditional VAE: :math:`z \sim N(0, I)`      encoder and decoder see :math:`D`
-    ================  ==========================================  ===============================================
+    ==================  ==========================================  =======================================
+    ``mechanism``       latent                                      encoder / decoder
+    ==================  ==========================================  =======================================
+    ``"sparse"``        SAMS-VAE: :math:`z = z_b + D(M \odot E)`    encoder sees :math:`x` [and the offset]
+    ``"dense"``         CPA-VAE: :math:`z = z_b + D E`              encoder sees :math:`x` [and the offset]
+    ``"sparse_point"``  SVAE+: :math:`z \sim N(D(M \odot \mu), I)`  :math:`q(z \mid x)`, no treatment input
+    ``"none"``          conditional VAE: :math:`z \sim N(0, I)`     encoder and decoder see :math:`D`
+    ==================  ==========================================  =======================================
 
     Parameters
     ----------
