@@ -13,20 +13,15 @@ N_DRAWS = 60_000
 
 
 @numba.njit
-def _normals(n, seed, tables):
+def _ziggurat_draws(exponential, n, seed, tables):
+    """``n`` standard normals (or exponentials) from one stream."""
     out = np.empty(n)
     s0, s1 = _sampling._row_state(seed, 0)
     for i in range(n):
-        out[i], s0, s1 = _sampling._normal(s0, s1, tables)
-    return out
-
-
-@numba.njit
-def _exponentials(n, seed, tables):
-    out = np.empty(n)
-    s0, s1 = _sampling._row_state(seed, 0)
-    for i in range(n):
-        out[i], s0, s1 = _sampling._exponential(s0, s1, tables)
+        if exponential:
+            out[i], s0, s1 = _sampling._exponential(s0, s1, tables)
+        else:
+            out[i], s0, s1 = _sampling._normal(s0, s1, tables)
     return out
 
 
@@ -69,14 +64,14 @@ def _chi_square_pvalue(draws: np.ndarray, pmf) -> float:
 
 
 def test_ziggurat_normal_is_standard_normal():
-    draws = _normals(200_000, 1, _sampling._TABLES)
+    draws = _ziggurat_draws(False, 200_000, 1, _sampling._TABLES)
     assert stats.kstest(draws, "norm").pvalue > 1e-3
     # the tail beyond the ziggurat's base layer (|x| > 3.44) is drawn by a separate branch
     assert abs(np.mean(np.abs(draws) > 3.0) - 2 * stats.norm.sf(3.0)) < 4 * np.sqrt(2 * stats.norm.sf(3.0) / 2e5)
 
 
 def test_ziggurat_exponential_is_standard_exponential():
-    draws = _exponentials(200_000, 2, _sampling._TABLES)
+    draws = _ziggurat_draws(True, 200_000, 2, _sampling._TABLES)
     assert stats.kstest(draws, "expon").pvalue > 1e-3
     # the tail beyond the ziggurat's base layer (x > 7.70) is drawn by a separate branch
     assert abs(np.mean(draws > 6.0) - np.exp(-6.0)) < 4 * np.sqrt(np.exp(-6.0) / 2e5)

@@ -36,8 +36,9 @@ _ATE_TARGET_SUM = 1e4
 # samples at the Replogle shape takes 2.1 s per 78 samples in chunks of 2**26 values, 0.8 s in chunks of 2**21);
 # on a GPU large enough to fill it
 _ATE_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
-_ATE_BLOCK_SAMPLES = 8  # globals drawn per block in estimate_ate (Replogle shape: 2.3 ms per sample one chunk
-# of 2 samples at a time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
+# samples whose globals estimate_ate draws at once (Replogle shape: 2.3 ms per sample one chunk of 2 samples at a
+# time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
+_ATE_BLOCK_SAMPLES = 8
 
 
 class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -604,10 +605,10 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 covariates = self._sample_covariates((block, n_conditions))
                 library_sizes = torch.full((per_chunk, n_conditions), library, device=device)
                 for start in range(0, block, per_chunk):
-                    chunk = slice(start, start + per_chunk)
+                    chunk = slice(start, min(start + per_chunk, block))
                     gen = self.module.generative(
                         z[chunk],
-                        library_sizes[: z[chunk].shape[0]],
+                        library_sizes[: chunk.stop - start],
                         None if covariates is None else covariates[chunk],
                         design=design,
                     )

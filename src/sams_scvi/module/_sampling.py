@@ -13,8 +13,8 @@ with Marsaglia & Tsang's (2000) Gamma sampler (standard normals by their ziggura
 tabulated CDFs on a grid of rates below 32 (plus a Poisson draw for the residual rate) and Hörmann's (1993)
 transformed rejection (PTRS) above. Random bits come from xoroshiro128++ streams, one per row, seeded by
 SplitMix64 from a seed drawn from torch's generator and the row, so results follow ``torch.manual_seed`` and do
-not depend on the number of threads. The state is threaded through the inlined samplers as two scalars
-``s0, s1``.
+not depend on the number of threads (numba's own ``np.random`` keeps one state per thread, so its draws would).
+The state is threaded through the inlined samplers as two scalars ``s0, s1``.
 
 On other devices torch's own samplers are used.
 """
@@ -86,8 +86,8 @@ def _grid_rate_tables(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Poisson CDFs for the rates 0, step, 2 step, ... below ``max_rate``, and guide tables for their inversion.
 
-    ``cdf[i, k] = P(Poisson(i step) <= k)`` (float64, the last column set to 1: the tail cut there is below
-    1e-20); ``guide[i, j]`` is the smallest k with ``cdf[i, k] >= j / n_guide``, so the search for a uniform u in
+    ``cdf[i, k] = P(Poisson(i step) <= k)`` (float64; set to exactly 1 from the first k above the rate whose
+    probability is below 1e-17, where the rest of the tail is below float64 resolution); ``guide[i, j]`` is the smallest k with ``cdf[i, k] >= j / n_guide``, so the search for a uniform u in
     [j / n_guide, (j + 1) / n_guide) may start there. About 150 kB together, so they stay in cache.
     """
     n_counts = max_rate + 12 * int(math.sqrt(max_rate)) + 40
@@ -194,7 +194,7 @@ def _exponential(s0, s1, tables):
 def _gamma_unit(d, c, s0, s1, tables):
     """Gamma(d + 1/3, 1) by Marsaglia & Tsang (2000); needs d >= 2/3, c = 1 / sqrt(9 d).
 
-    Returns the draw, a spare uniform independent of it, and the s0, s1. The spare recycles the acceptance
+    Returns the draw, a spare uniform independent of it, and the state. The spare recycles the acceptance
     uniform: accepted by the squeeze ``u < s(x)``, ``u`` is uniform on (0, s(x)) whatever ``x``, so ``u / s(x)`` is
     a fresh uniform (one draw of 64 bits fewer per value); after the rare exact test a new uniform is drawn.
     """
@@ -229,14 +229,14 @@ def _poisson(rate, spare, s0, s1, tables):
     if rate < _TABULATED_RATES:
         row = np.int64(rate * (1.0 / _RATE_STEP))
         u, s0, s1 = _uniform(s0, s1)
-        k = np.int64(guide[row, min(np.int64(u * _GUIDE_SIZE), _GUIDE_SIZE - 1)])
+        k = np.int64(guide[row, np.int64(u * _GUIDE_SIZE)])  # u < 1
         while u > cdf[row, k]:
             k += 1
         residual = rate - row * _RATE_STEP
         u = spare
         if u <= 1.0 - residual:
             return float(k), s0, s1
-        # u is uniform on (1 - f, 1] here: inversion of Poisson(f) restricted to that range
+        # u is uniform on (1 - f, 1) here: inversion of Poisson(f) restricted to that range
         p = math.exp(-residual)
         cdf_f = p
         extra = 0.0
@@ -303,6 +303,14 @@ def _log_normalize_row(counts, total, target_sum, lookup):
         counts[g] = lookup[np.int64(x)] if x < lookup.shape[0] else math.log2(1.0 + x * factor)
 
 
+@njit(inline="always", error_model="numpy")
+def _log_normalized_draws(mu, genes, seed, row, target_sum, out, lookup, tables):
+    """Fill ``out`` with row ``row``'s NB draws (its own stream) on the scale log2(1 + t x / sum(x))."""
+    s0, s1 = _row_state(seed, row)
+    total, _, _ = _sample_row(mu, genes, s0, s1, out, tables)
+    _log_normalize_row(out, total, target_sum, lookup)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _counts_kernel(mu, genes, seed, out, tables):
     """NB counts for every row of ``mu`` (R, G), rows in parallel, row r on its own stream."""
@@ -322,9 +330,7 @@ def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
     control = np.empty((n_samples, n_genes))
     for s in prange(n_samples):
         lookup = np.empty(_LOG2_TABLE_SIZE)
-        s0, s1 = _row_state(seed, s * n_conditions)
-        total, _, _ = _sample_row(mu[s, 0], genes, s0, s1, control[s], tables)
-        _log_normalize_row(control[s], total, target_sum, lookup)
+        _log_normalized_draws(mu[s, 0], genes, seed, s * n_conditions, target_sum, control[s], lookup, tables)
     for s in range(n_samples):
         for g in range(n_genes):
             sums[0, g] += control[s, g]
@@ -332,9 +338,7 @@ def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
         y = np.empty(n_genes)
         lookup = np.empty(_LOG2_TABLE_SIZE)
         for s in range(n_samples):
-            s0, s1 = _row_state(seed, s * n_conditions + c)
-            total, _, _ = _sample_row(mu[s, c], genes, s0, s1, y, tables)
-            _log_normalize_row(y, total, target_sum, lookup)
+            _log_normalized_draws(mu[s, c], genes, seed, s * n_conditions + c, target_sum, y, lookup, tables)
             for g in range(n_genes):
                 sums[c, g] += y[g]
                 diff = y[g] - control[s, g]
