@@ -71,7 +71,8 @@ def test_textbook_negative_binomial_agrees_with_scvi_tools():
 
 
 def _reference_loss(module: SAMSModule, x, design, globals_, noise, counts) -> torch.Tensor:
-    x_tilde = (torch.log1p(x) - module.x_log_mean) / module.x_log_std
+    gaussian = module.likelihood == "normal"
+    x_tilde = ((x if gaussian else torch.log1p(x)) - module.x_log_mean) / module.x_log_std
     enc, dec = module.basal_encoder, module.decoder
     per_particle = []
     for s in range(globals_["shift"].shape[0]):
@@ -87,15 +88,20 @@ def _reference_loss(module: SAMSModule, x, design, globals_, noise, counts) -> t
         h = _trunk(enc.trunk, enc_in, enc_w)
         q = Normal(enc.mean(h), torch.sqrt(enc.log_var(h).exp() + 1e-4))
         z_encoded = q.loc + q.scale * noise[s]
-        z_basal, z = (z_encoded, z_encoded + offset) if module.encodes_basal else (z_encoded - offset, z_encoded)
+        z_basal, z = (
+            (z_encoded, z_encoded + offset) if module.mechanism.encodes_basal else (z_encoded - offset, z_encoded)
+        )
         if module.decoder_design is not None:  # p(x | [z; d])
             dec_in = torch.cat([z, design], 1)
             dec_w = torch.cat([dec.first.weight, module.decoder_design.weight], 1)
         else:
             dec_in, dec_w = z, dec.first.weight
-        rho = torch.softmax(module.decoder_head(_trunk(dec, dec_in, dec_w)), -1)
-        mu = x.sum(1, keepdim=True) * rho + 1e-4
-        log_lik = _negative_binomial_log_prob(x, mu, module.log_dispersion.exp()).sum(-1)
+        head = module.decoder_head(_trunk(dec, dec_in, dec_w))
+        if gaussian:  # x ~ N(f(z), sigma_g^2), the textbook density
+            log_lik = Normal(head, module.log_dispersion.exp()).log_prob(x).sum(-1)
+        else:
+            mu = x.sum(1, keepdim=True) * torch.softmax(head, -1) + 1e-4
+            log_lik = _negative_binomial_log_prob(x, mu, module.log_dispersion.exp()).sum(-1)
         kl_basal = (q.log_prob(z_encoded) - Normal(0.0, 1.0).log_prob(z_basal)).sum(-1)
         kl_global = torch.zeros(N, dtype=x.dtype)
         for t in range(T):
@@ -106,12 +112,26 @@ def _reference_loss(module: SAMSModule, x, design, globals_, noise, counts) -> t
 
 @pytest.mark.parametrize(("mechanism", "options"), OPTIONS)
 def test_fast_path_matches_reference_loss_and_gradients(mechanism, options):
+    _check_against_reference(mechanism, options, "nb")
+
+
+@pytest.mark.parametrize(("mechanism", "options"), [OPTIONS[0], OPTIONS[3], OPTIONS[6], OPTIONS[7]])
+def test_gaussian_likelihood_matches_reference_loss_and_gradients(mechanism, options):
+    _check_against_reference(mechanism, options, "normal")
+
+
+def _check_against_reference(mechanism: str, options: dict, likelihood: str) -> None:
     torch.manual_seed(0)
     x, design = _data()
-    module = SAMSModule(G, T, n_latent=K, n_hidden=H, n_layers=2, n_particles=S, mechanism=mechanism, **options)
+    if likelihood == "normal":  # normalised values: negative and non-integer
+        x = torch.log1p(x) - 1.5 + 0.1 * torch.randn(x.shape, dtype=x.dtype)
+    module = SAMSModule(
+        G, T, n_latent=K, n_hidden=H, n_layers=2, n_particles=S, mechanism=mechanism, likelihood=likelihood, **options
+    )
     module.double()  # float64, so that the two summation orders agree to ~1e-12 and any real difference shows
-    module.x_log_mean.copy_(torch.log1p(x).mean(0))
-    module.x_log_std.copy_(torch.log1p(x).std(0).clamp(min=1e-3))
+    encoder_input = x if likelihood == "normal" else torch.log1p(x)
+    module.x_log_mean.copy_(encoder_input.mean(0))
+    module.x_log_std.copy_(encoder_input.std(0).clamp(min=1e-3))
     counts = torch.tensor([3.0, 3.0, 2.0, 3.0], dtype=torch.float64)
     module.train_perturbation_counts.copy_(counts)
     with torch.no_grad():  # make every parameter matter (zero-initialised ones would hide mistakes)

@@ -99,14 +99,20 @@ def test_setup_errors_are_clear():
         sams_scvi.SAMSVAE.setup_anndata(adata[:4], perturbation_key="perturbation")
 
 
-def test_setup_rejects_negative_counts_and_warns_on_non_integers():
+def test_count_models_reject_negative_values_and_warn_on_non_integers():
     adata = _adata(["control", "A"] * 3)
     adata.X = adata.X.toarray() - 5
-    with pytest.raises(ValueError, match="negative"):
-        sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")  # normalised data can be registered
+    with pytest.raises(ValueError, match="likelihood='normal'"):
+        sams_scvi.SAMSVAE(adata)  # ... but the negative binomial needs counts
+    sams_scvi.SAMSVAE(adata, likelihood="normal")
     adata = _adata(["control", "A"] * 3)
     adata.X = adata.X.toarray() + 0.5
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
     with pytest.warns(UserWarning, match="unnormalized count data"):
+        sams_scvi.SAMSVAE(adata)
+    adata.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
         sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
 
 

@@ -62,9 +62,11 @@ def run_demo(
     singles = [p for p in observed.obs_names if "+" not in p and observed.obs.loc[p, "n_cells"] >= 50]
     r_all = metrics.ate_pearson(ate, observed, perturbations=singles)
     r_top = metrics.ate_pearson(ate, observed, perturbations=singles, top_k=20)
+    pred, obs = ate.to_df().loc[singles, observed.var_names].to_numpy(), observed.to_df().loc[singles].to_numpy()
+    slope = float((pred * obs).sum() / (obs * obs).sum())  # least squares through the origin: 1 = full size
 
     ax = pl.ate_scatter(ate[singles], observed[singles])
-    ax.set_title(f"TAP-seq, {len(singles)} single targets: r = {r_all:.2f}")
+    ax.set_title(f"TAP-seq, {len(singles)} single targets: r = {r_all:.2f}, slope = {slope:.2f}")
     ax.figure.tight_layout()
     ax.figure.savefig(output_dir / "ate_scatter.png", dpi=150)
     plt.close(ax.figure)
@@ -90,6 +92,7 @@ def run_demo(
         "elbo_last_epoch": round(-float(history[-1]), 2),
         "ate_pearson_singles": round(r_all, 3),
         "ate_pearson_top20_singles": round(r_top, 3),
+        "ate_slope_singles": round(slope, 3),
         "mask_active_fraction": round(float((model.get_mask_probabilities().to_numpy() > 0.5).mean()), 3),
         "unseen_combination": unseen,
         "unseen_top_gene": f"{top_gene} ({unseen_ate[top_gene]:+.2f} log2)",

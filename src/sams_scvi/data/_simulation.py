@@ -64,8 +64,7 @@ def simulate_sams(
     """
     rng = np.random.default_rng(seed)
     names = [f"p{t}" for t in range(n_perturbations)]
-    mask = rng.random((n_perturbations, n_latent)) < mask_prob
-    mask[np.arange(n_perturbations), rng.integers(0, n_latent, n_perturbations)] = True
+    mask = _true_mask(rng, n_perturbations, n_latent, mask_prob)
     embedding = effect_size * rng.choice([-1.0, 1.0], size=(n_perturbations, n_latent))
     shift = mask * embedding
 
@@ -84,38 +83,128 @@ def simulate_sams(
     def negative_binomial(mu: np.ndarray) -> np.ndarray:
         return rng.poisson(rng.gamma(dispersion, mu / dispersion))
 
-    combinations = list(combinations or [])
-    labels = ["control"] * n_control_cells + [n for n in names for _ in range(n_cells_per_perturbation)]
-    labels += [c for c in combinations for _ in range(n_cells_per_combination)]
-    conditions = ["control", *names, *combinations]
-
-    def design(label: str) -> np.ndarray:
-        row = np.zeros(n_perturbations)
-        if label != "control":
-            for atom in label.split("+"):
-                row[names.index(atom)] = 1.0
-        return row
-
-    designs = {c: design(c) for c in conditions}
-    d = np.stack([designs[label] for label in labels])
-    z = rng.normal(size=(len(labels), n_latent)) + d @ shift
+    labels, conditions, design = _screen(
+        names, n_control_cells, n_cells_per_perturbation, combinations, n_cells_per_combination
+    )
+    z = rng.normal(size=(len(labels), n_latent)) + design(labels) @ shift
     library = rng.lognormal(np.log(library_size), 0.3, len(labels))
     counts = negative_binomial(library[:, None] * proportions(z))
 
     means = {}
     for c in conditions:
-        zc = rng.normal(size=(n_ate_samples, n_latent)) + designs[c] @ shift
+        zc = rng.normal(size=(n_ate_samples, n_latent)) + design([c]) @ shift
         x = negative_binomial(1e4 * proportions(zc))
         means[c] = np.log2(1 + 1e4 * x / np.maximum(x.sum(1, keepdims=True), 1)).mean(0)
-    ate = pd.DataFrame(
-        np.stack([means[c] - means["control"] for c in conditions[1:]]),
-        index=conditions[1:],
-        columns=[f"g{g}" for g in range(n_genes)],
-    )
+    obs = {"perturbation": pd.Categorical(labels)}
+    return _screen_anndata(sparse.csr_matrix(counts.astype(np.float32)), obs, names, mask, embedding, means)
 
+
+def simulate_sams_gaussian(
+    n_perturbations: int = 100,
+    n_genes: int = 100,
+    n_latent: int = 15,
+    mask_prob: float = 2 / 15,
+    effect_mean: float = 5.0,
+    effect_sd: float = 0.5,
+    n_cells_per_perturbation: int = 700,
+    n_control_cells: int = 700,
+    combinations: list[str] | None = None,
+    n_cells_per_combination: int = 0,
+    split_fractions: tuple[float, float, float] = (5 / 7, 1 / 7, 1 / 7),
+    n_layers: int = 4,
+    n_hidden: int = 50,
+    noise_fraction: float = 0.2,
+    n_ate_samples: int = 20_000,
+    seed: int = 0,
+) -> AnnData:
+    r"""Simulate a screen as in the SAMS-VAE paper's ground-truth experiment: sparse shifts, Gaussian outputs.
+
+    :math:`z = z_b + D(M \odot E)` with :math:`z_b \sim N(0, I_K)`, a true mask
+    :math:`m_{tk} \sim \mathrm{Bernoulli}(\text{mask\_prob})` (at least one active dimension per perturbation) and
+    effects :math:`e_{tk} = \pm N(\text{effect\_mean}, \text{effect\_sd}^2)` with a random sign. The decoder is
+    ``n_layers`` random orthogonal layers of width ``n_hidden`` with LeakyReLU(0.2), then a random orthogonal map
+    to the genes; its outputs are standardised per gene over the simulated cells, and Gaussian noise makes up
+    ``noise_fraction`` of each gene's variance. The defaults are the paper's: K = 15, 100 perturbations and
+    genes, 500 / 100 / 100 cells per perturbation for training / validation / test.
+
+    Parameters
+    ----------
+    n_perturbations, n_genes, n_latent
+        Sizes ``T``, ``G`` and ``K``.
+    mask_prob
+        Probability that a perturbation acts on a latent dimension.
+    effect_mean, effect_sd
+        Mean and standard deviation of the magnitude of an active embedding entry.
+    n_cells_per_perturbation, n_control_cells
+        Cells per single perturbation and control cells.
+    combinations
+        Labels such as ``"p0+p1"`` to simulate as well (their shifts add).
+    n_cells_per_combination
+        Cells per combination.
+    split_fractions
+        Fractions of each label's cells in ``obs["split"]`` = ``"train"``, ``"validation"`` and ``"test"``.
+    n_layers, n_hidden
+        Depth and width of the random decoder.
+    noise_fraction
+        Share of each gene's variance that is noise.
+    n_ate_samples
+        Monte-Carlo samples for the true ATEs.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    AnnData of normalised values (fit with ``likelihood="normal"``) with ``obs["perturbation"]`` and
+    ``obs["split"]``; ``uns["simulation"]`` holds the true ``mask`` and ``embedding`` (T x K) and the true ATE table
+    ``ate`` (labels x genes, on the data's scale).
+    """
+    rng = np.random.default_rng(seed)
+    names = [f"p{t}" for t in range(n_perturbations)]
+    mask = _true_mask(rng, n_perturbations, n_latent, mask_prob)
+    embedding = rng.choice([-1.0, 1.0], size=mask.shape) * rng.normal(effect_mean, effect_sd, size=mask.shape)
+    shift = mask * embedding
+    widths = [n_latent] + [n_hidden] * n_layers + [n_genes]
+    weights = [_random_orthogonal(rng, a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        for w in weights[:-1]:
+            z = z @ w
+            z = np.where(z > 0, z, 0.2 * z)
+        return z @ weights[-1]
+
+    labels, conditions, design = _screen(
+        names, n_control_cells, n_cells_per_perturbation, combinations, n_cells_per_combination
+    )
+    signal = decode(rng.normal(size=(len(labels), n_latent)) + design(labels) @ shift)
+    center, spread = signal.mean(0), signal.std(0)
+    noise_sd = np.sqrt(noise_fraction / (1 - noise_fraction))
+    values = (signal - center) / spread + noise_sd * rng.normal(size=signal.shape)
+
+    means = {
+        c: ((decode(rng.normal(size=(n_ate_samples, n_latent)) + design([c]) @ shift) - center) / spread).mean(0)
+        for c in conditions
+    }
+    obs = {
+        "perturbation": pd.Categorical(labels),
+        "split": pd.Categorical(_split_within_labels(rng, labels, split_fractions)),
+    }
+    return _screen_anndata(values.astype(np.float32), obs, names, mask, embedding, means)
+
+
+def _screen_anndata(x, obs: dict, names: list[str], mask, embedding, means: dict) -> AnnData:
+    """The simulated cells, with the true masks, embeddings and ATEs in ``uns["simulation"]``.
+
+    The ATEs are each condition's mean minus the control's (``means``: condition -> per-gene mean, control first).
+    """
+    conditions = list(means)
+    ate = pd.DataFrame(
+        np.stack([means[c] - means[conditions[0]] for c in conditions[1:]]),
+        index=conditions[1:],
+        columns=[f"g{g}" for g in range(x.shape[1])],
+    )
     adata = AnnData(
-        X=sparse.csr_matrix(counts.astype(np.float32)),
-        obs=pd.DataFrame({"perturbation": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))]),
+        X=x,
+        obs=pd.DataFrame(obs, index=[f"cell{i}" for i in range(x.shape[0])]),
         var=pd.DataFrame(index=ate.columns.copy()),
     )
     adata.uns["simulation"] = {
@@ -124,3 +213,49 @@ def simulate_sams(
         "ate": ate,
     }
     return adata
+
+
+def _true_mask(rng: np.random.Generator, n_perturbations: int, n_latent: int, mask_prob: float) -> np.ndarray:
+    """Bernoulli(mask_prob) entries, with at least one active dimension per perturbation."""
+    mask = rng.random((n_perturbations, n_latent)) < mask_prob
+    mask[np.arange(n_perturbations), rng.integers(0, n_latent, n_perturbations)] = True
+    return mask
+
+
+def _random_orthogonal(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
+    """A random (semi-)orthogonal (n_in, n_out) matrix: orthonormal rows or columns, whichever are fewer."""
+    q, r = np.linalg.qr(rng.normal(size=(max(n_in, n_out), min(n_in, n_out))))
+    q = q * np.sign(np.diag(r))  # Haar-distributed
+    return q if n_in >= n_out else q.T
+
+
+def _screen(names, n_control_cells, n_cells_per_perturbation, combinations, n_cells_per_combination):
+    """Cell labels, the conditions (control first) and a function from labels to design rows."""
+    combinations = list(combinations or [])
+    labels = ["control"] * n_control_cells + [n for n in names for _ in range(n_cells_per_perturbation)]
+    labels += [c for c in combinations for _ in range(n_cells_per_combination)]
+    index = {n: t for t, n in enumerate(names)}
+
+    def design(batch: list[str]) -> np.ndarray:
+        rows = np.zeros((len(batch), len(names)))
+        for i, label in enumerate(batch):
+            if label != "control":
+                for atom in label.split("+"):
+                    rows[i, index[atom]] = 1.0
+        return rows
+
+    return labels, ["control", *names, *combinations], design
+
+
+def _split_within_labels(rng: np.random.Generator, labels: list[str], fractions: tuple[float, float, float]) -> list:
+    """``"train"`` / ``"validation"`` / ``"test"`` for each cell, in the given fractions of every label's cells."""
+    labels = np.asarray(labels)
+    split = np.empty(len(labels), dtype=object)
+    for label in np.unique(labels):
+        cells = rng.permutation(np.flatnonzero(labels == label))
+        n_train = int(round(fractions[0] * len(cells)))
+        n_val = int(round(fractions[1] * len(cells)))
+        split[cells[:n_train]] = "train"
+        split[cells[n_train : n_train + n_val]] = "validation"
+        split[cells[n_train + n_val :]] = "test"
+    return list(split)

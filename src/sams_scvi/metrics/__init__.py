@@ -4,6 +4,7 @@ from ._ate import ate_metrics, ate_metrics_per_perturbation, ate_pearson, observ
 from ._baselines import baseline_ate
 from ._evaluate import evaluate
 from ._masks import mask_recovery
+from ._mechanism import effect_decomposition
 from ._noise import random_halves, split_half_ceiling
 from ._splits import combination_split
 
@@ -13,6 +14,7 @@ __all__ = [
     "ate_pearson",
     "baseline_ate",
     "combination_split",
+    "effect_decomposition",
     "evaluate",
     "mask_recovery",
     "observed_ate",

@@ -11,13 +11,16 @@ from anndata import AnnData
 from scipy import sparse
 
 
-def perturbseq_scale(x, target_sum: float = 1e4, log: Literal["log2", "log1p"] = "log2") -> np.ndarray:
+def perturbseq_scale(x, target_sum: float = 1e4, log: Literal["log2", "log1p", "none"] = "log2") -> np.ndarray:
     """Expression scale of a (cells x genes) count block: :math:`\\log_2(1 + 10^4 x / \\sum_g x_g)` (the paper's).
 
-    ``log="log1p"`` gives the natural-log variant, scanpy's ``normalize_total`` followed by ``log1p``.
+    ``log="log1p"`` gives the natural-log variant, scanpy's ``normalize_total`` followed by ``log1p``;
+    ``log="none"`` leaves already normalised values as they are.
     """
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
     x = x.astype(np.float64)
+    if log == "none":
+        return x
     normalized = target_sum * x / np.maximum(x.sum(1, keepdims=True), 1)
     return np.log2(1 + normalized) if log == "log2" else np.log1p(normalized)
 
@@ -29,7 +32,7 @@ def observed_ate(
     perturbations: Sequence[str] | None = None,
     layer: str | None = None,
     indices: Sequence[int] | None = None,
-    scale: Literal["log2", "log1p"] = "log2",
+    scale: Literal["log2", "log1p", "none"] = "log2",
     chunk_size: int = 10_000,
 ) -> AnnData:
     """Data average treatment effects: mean of each label's cells minus mean of the control cells.
@@ -50,7 +53,8 @@ def observed_ate(
     indices
         Cells to use (positions); default, all cells.
     scale
-        ``"log2"``: :math:`\\log_2(1 + 10^4 x / \\sum x)` (the paper's); ``"log1p"``: natural log.
+        ``"log2"``: :math:`\\log_2(1 + 10^4 x / \\sum x)` (the paper's); ``"log1p"``: natural log; ``"none"``: the
+        values as they are, for data that are already normalised (e.g. modelled with ``likelihood="normal"``).
     chunk_size
         Cells per chunk.
 
@@ -61,8 +65,8 @@ def observed_ate(
     """
     if perturbation_key not in adata.obs:
         raise KeyError(f"{perturbation_key!r} is not a column of adata.obs.")
-    if scale not in ("log2", "log1p"):
-        raise ValueError("`scale` must be 'log2' or 'log1p'.")
+    if scale not in ("log2", "log1p", "none"):
+        raise ValueError("`scale` must be 'log2', 'log1p' or 'none'.")
     labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
     selected = np.zeros(adata.n_obs, dtype=bool)
     selected[np.arange(adata.n_obs) if indices is None else np.asarray(indices)] = True
@@ -97,7 +101,11 @@ def observed_ate(
         X=(means[1:] - means[:1]).astype(np.float32),
         obs=pd.DataFrame({"n_cells": counts[1:].astype(int)}, index=pd.Index(perturbations, name="perturbation")),
         var=pd.DataFrame(index=adata.var_names.copy()),
-        uns={"control": control_value, "n_control_cells": int(counts[0]), "scale": f"{scale}(1 + 1e4 * x / sum(x))"},
+        uns={
+            "control": control_value,
+            "n_control_cells": int(counts[0]),
+            "scale": "data" if scale == "none" else f"{scale}(1 + 1e4 * x / sum(x))",
+        },
     )
 
 

@@ -22,7 +22,7 @@ def baseline_ate(
     delimiter: str = "+",
     indices: Sequence[int] | None = None,
     layer: str | None = None,
-    scale: Literal["log2", "log1p"] = "log2",
+    scale: Literal["log2", "log1p", "none"] = "log2",
 ) -> AnnData:
     """ATEs predicted by a simple baseline fitted on the cells ``indices`` (e.g. the training split).
 

@@ -26,7 +26,7 @@ from scvi.utils import setup_anndata_dsp, track
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi.data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
 from sams_scvi.module import SAMSModule
-from sams_scvi.module._sampling import accumulate_log_normalized, sample_negative_binomial
+from sams_scvi.module._sampling import accumulate_log_normalized
 
 from ._data_splitter import SAMSDataSplitter
 from ._training_plan import SAMSTrainingPlan
@@ -68,6 +68,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                     f"the data with {type(self).__name__}.setup_anndata(..., encode_combinations='unique'); the "
                     "model then cannot predict unseen combinations."
                 )
+        if module_kwargs.get("likelihood", "nb") == "nb" and self.adata is not None:
+            _check_counts(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY))
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_perturbations=self.summary_stats.n_perturbations,
@@ -128,9 +130,10 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             ``encode_combos_as_unique``).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        _check_counts(adata.layers[layer] if layer is not None else adata.X)
+        _check_finite(adata.layers[layer] if layer is not None else adata.X)
         fields = [
-            LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            # counts are checked by the model, which knows its likelihood (raw counts for "nb")
+            LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
             PerturbationField(
                 SAMS_REGISTRY_KEYS.PERTURBATION_KEY,
@@ -170,9 +173,9 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             raise ValueError("`modalities` must name at least the RNA modality, e.g. {'rna_layer': 'rna'}.")
         modalities = cls._create_modalities_attr_dict(modalities, setup_method_args)
         rna = mdata.mod[modalities.rna_layer] if modalities.rna_layer is not None else mdata
-        _check_counts(rna.layers[rna_layer] if rna_layer is not None else rna.X)
+        _check_finite(rna.layers[rna_layer] if rna_layer is not None else rna.X)
         fields = [
-            MuDataLayerField(SAMS_REGISTRY_KEYS.X_KEY, rna_layer, mod_key=modalities.rna_layer, is_count_data=True),
+            MuDataLayerField(SAMS_REGISTRY_KEYS.X_KEY, rna_layer, mod_key=modalities.rna_layer, is_count_data=False),
             MuDataCategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key),
             MuDataPerturbationField(
                 SAMS_REGISTRY_KEYS.PERTURBATION_KEY,
@@ -240,8 +243,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         accelerator, devices
             Lightning device selection (``"auto"`` uses a GPU when one is present).
         plan_kwargs
-            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``) and
-            :class:`scvi.train.TrainingPlan`.
+            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``, whose default comes
+            from the model's ``recipe``) and :class:`scvi.train.TrainingPlan`.
             Defaults here differ from scvi-tools' where the paper does: Adam ``eps=1e-8`` (scvi's 0.01 would
             swamp the small per-step gradients of the global variables), ``weight_decay=1e-6``, and **no KL
             warm-up** (``n_epochs_kl_warmup=None``).
@@ -257,6 +260,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             "weight_decay": 1e-6,
             "n_epochs_kl_warmup": None,
             "n_steps_kl_warmup": None,
+            **getattr(self, "_recipe_plan_kwargs", {}),
             **(plan_kwargs or {}),
         }
         if early_stopping:
@@ -381,7 +385,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
             z = self.module.basal_mean(out)[0]  # one particle: the globals are at their point estimate
             if representation == "perturbed":
-                z = z + out["offset"][0]
+                z = self.module.compose(z, out["offset"][0])
             latents.append(z.cpu().numpy())
         return np.concatenate(latents)
 
@@ -448,7 +452,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             Source cells (positions in ``adata``). Default: the control cells.
         expression
             ``"normalized"``: posterior mean of the expression proportions times ``target_sum`` (as after
-            :func:`scanpy.pp.normalize_total`). ``"counts"``: one posterior-predictive negative-binomial draw at
+            :func:`scanpy.pp.normalize_total`; with ``likelihood="normal"``, the posterior mean on the data's own
+            scale). ``"counts"``: one posterior-predictive draw (negative binomial, or normal) at
             the source cell's observed library size.
         target_sum
             Total per cell for ``"normalized"``.
@@ -495,16 +500,18 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):
                 out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
-                z = out["z_basal"][:, :, None, :] + shifts[:, None, :, :]  # (S, n, P, K)
+                z = self.module.compose(out["z_basal"][:, :, None, :], shifts[:, None, :, :])  # (S, n, P, K)
                 covariates = self.module.covariate_codes(tensors)
                 if covariates is not None:
                     covariates = covariates[:, None, :].expand(-1, len(perturbations), -1)
                 library = out["library"][:, None].expand(-1, len(perturbations))
                 gen = self.module.generative(z, library, covariates, design=target_design)
-                if expression == "normalized":
-                    values = gen["rho"].mean(0) * target_sum
+                if expression == "counts":
+                    values = self.module.sample_observations(gen)[0]
+                elif self.module.likelihood == "normal":
+                    values = gen["mean"].mean(0)
                 else:
-                    values = sample_negative_binomial(gen["mu"], gen["theta"])[0]
+                    values = gen["rho"].mean(0) * target_sum
                 blocks.append(values.reshape(-1, values.shape[-1]).cpu().numpy())
 
         columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi")]
@@ -535,17 +542,24 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         perturbations: Sequence[str] | None = None,
         n_samples: int = 2500,
         library_size: float | Literal["median"] = _ATE_TARGET_SUM,
+        basal: Literal["prior", "control"] = "prior",
         batch_size: int = 250,
         seed: int | None = 0,
         progress_bar: bool = True,
     ) -> AnnData:
         r"""Average treatment effects of perturbations against the control, on the paper's scale.
 
-        For each posterior sample of the globals, a basal state :math:`z_b \sim N(0, I)` is drawn from the
-        prior (afresh for the control and for each perturbation), decoded, and counts are drawn at a fixed
-        library size; each sample is put on the scale :math:`y = \log_2(1 + 10^4 x / \sum_g x_g)`, and
-        :math:`\mathrm{ATE}_t = \bar y_t - \bar y_{\mathrm{control}}` (spec §5.2). Registered covariates are
-        marginalised over the registered cells.
+        For each posterior sample of the globals, a basal state is drawn, shifted by each condition's
+        :math:`d\,(M \odot E)`, decoded, and counts are drawn at a fixed library size; each sample is put on the
+        scale :math:`y = \log_2(1 + 10^4 x / \sum_g x_g)`, and
+        :math:`\mathrm{ATE}_t = \bar y_t - \bar y_{\mathrm{control}}`. The basal state comes from
+
+        * ``basal="prior"`` (the paper's estimator): :math:`z_b \sim N(0, I)`, drawn afresh for the control and
+          for each perturbation; registered covariates are marginalised over the registered cells;
+        * ``basal="control"``: :math:`z_b \sim q(z_b \mid x_i)` of a random registered control cell :math:`i`,
+          shared by the control and every perturbation of that sample (a paired counterfactual of the observed
+          control population, with that cell's covariates). It reads the effect where the control cells
+          actually lie rather than where the prior puts them; see ``docs/model.md``.
 
         Parameters
         ----------
@@ -557,6 +571,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         library_size
             Library size of the sampled counts: ``1e4`` as in the paper, or ``"median"`` for the median observed
             library of the registered cells, which matches shallow data better (spec §9.6).
+        basal
+            Where the basal states come from: ``"prior"`` or ``"control"`` (above).
         batch_size
             Most samples decoded per chunk; fewer when ``batch_size x (perturbations + 1) x genes`` would exceed
             about 2 million values on CPU (cache-sized chunks are fastest there) or 67 million on a GPU.
@@ -569,7 +585,9 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         -------
         AnnData (perturbations x genes): ``X`` the ATE, ``layers["mc_se"]`` its Monte-Carlo standard error,
         ``obs["n_cells"]`` the number of registered cells with that label (0 for unseen combinations), and
-        ``uns["control"]``. ``ate.to_df()`` gives the table.
+        ``uns["control"]``. ``ate.to_df()`` gives the table. With ``likelihood="normal"`` the ATE is on the data's
+        own scale: the difference of the decoded means (the expectation over the noise), and ``library_size`` is
+        not used.
         """
         self._check_if_trained(warn=False)
         state = self._perturbation_state
@@ -585,8 +603,11 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         if len(perturbations) == 0:
             raise ValueError("`perturbations` is empty.")
         design = self._design_for([state["control_value"], *perturbations])  # (P + 1, T), control first
-        library = self._ate_library_size(library_size)
+        library = self._ate_library_size(library_size) if self.module.likelihood == "nb" else 1.0
         n_conditions = design.shape[0]
+        if basal not in ("prior", "control"):
+            raise ValueError("`basal` must be 'prior' or 'control'.")
+        control_posterior = self._control_basal_posterior() if basal == "control" else None
 
         device = self.device
         sums = torch.zeros(n_conditions, self.module.n_input, dtype=torch.float64, device=device)
@@ -601,8 +622,11 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             for block in track(blocks, description="Estimating ATEs", disable=not progress_bar):
                 globals_ = self.module.sample_globals(block, with_kl=False)
                 offset = self.module.latent_offset(design, globals_["shift"])  # (block, P+1, K)
-                z = torch.randn_like(offset).add_(offset)
-                covariates = self._sample_covariates((block, n_conditions))
+                if control_posterior is None:
+                    z = self.module.compose(torch.randn_like(offset), offset)
+                    covariates = self._sample_covariates((block, n_conditions))
+                else:
+                    z, covariates = self._control_basal_draws(control_posterior, offset)
                 library_sizes = torch.full((per_chunk, n_conditions), library, device=device)
                 for start in range(0, block, per_chunk):
                     chunk = slice(start, min(start + per_chunk, block))
@@ -612,7 +636,10 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                         None if covariates is None else covariates[chunk],
                         design=design,
                     )
-                    accumulate_log_normalized(gen["mu"], gen["theta"], _ATE_TARGET_SUM, sums, diff_sq)
+                    if self.module.likelihood == "normal":
+                        _accumulate_means(gen["mean"], sums, diff_sq)
+                    else:
+                        accumulate_log_normalized(gen["mu"], gen["theta"], _ATE_TARGET_SUM, sums, diff_sq)
         means = sums / n_samples
         ate = means[1:] - means[:1]
         variance = (diff_sq / n_samples - ate**2).clamp(min=0) * n_samples / max(n_samples - 1, 1)
@@ -632,9 +659,49 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 "control": state["control_value"],
                 "n_samples": n_samples,
                 "library_size": float(library),
-                "scale": "log2(1 + 1e4 * x / sum(x))",
+                "scale": "data" if self.module.likelihood == "normal" else "log2(1 + 1e4 * x / sum(x))",
             },
         )
+
+    @torch.inference_mode()
+    def _control_basal_posterior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Location and scale of :math:`q(z_b \\mid x_i)` (n_control, K) of the control cells, and their covariates.
+
+        A control cell has no offset, so its basal posterior does not depend on the globals. The covariate codes
+        are ``None`` when the decoder has no covariates.
+        """
+        if self.adata is None:
+            raise ValueError("basal='control' needs the registered AnnData (its control cells).")
+        design = sparse.csr_matrix(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
+        controls = np.flatnonzero(design.getnnz(axis=1) == 0)
+        globals_ = self.module.point_globals()
+        locs, scales, codes = [], [], []
+        for tensors in self._make_data_loader(adata=self.adata, indices=controls, batch_size=1024):
+            out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
+            qz = out["qz"]
+            scale = qz.scale if qz.scale.dim() == 2 else qz.scale[0]
+            locs.append(self.module.basal_mean(out)[0])
+            scales.append(scale)
+            covariates = self.module.covariate_codes(tensors)
+            if covariates is not None and not self.module.decoder_covariates.is_empty:
+                codes.append(covariates)
+        return torch.cat(locs), torch.cat(scales), (torch.cat(codes) if codes else None)
+
+    def _control_basal_draws(
+        self,
+        control_posterior: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        offset: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per sample, one random control cell's :math:`z_b \\sim q(z_b \\mid x_i)` plus each condition's offset.
+
+        Returns the latents (S, P, K) and that cell's covariates (S, P, J) or ``None``.
+        """
+        loc, scale, codes = control_posterior
+        cells = torch.randint(loc.shape[0], (offset.shape[0],), device=loc.device)
+        basal = torch.randn_like(loc[cells]).mul_(scale[cells]).add_(loc[cells])
+        z = self.module.compose(basal[:, None, :], offset)
+        covariates = None if codes is None else codes[cells][:, None, :].expand(-1, offset.shape[1], -1)
+        return z, covariates
 
     def _ate_library_size(self, library_size: float | str) -> float:
         if library_size == "median":
@@ -730,19 +797,41 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         return log_likelihood - kl_basal
 
 
+def _accumulate_means(mean: torch.Tensor, sums: torch.Tensor, diff_sq: torch.Tensor) -> None:
+    """Add the sums over samples of decoded means (S, C, G) to ``sums`` and of squared contrasts to ``diff_sq``."""
+    mean = mean.to(sums.dtype)
+    sums += mean.sum(0)
+    diff_sq += mean[:, 1:].sub(mean[:, :1]).square().sum(0)
+
+
 def _latent_names(n: int) -> pd.Index:
     return pd.Index([f"latent_{k}" for k in range(n)], name="latent")
 
 
+def _check_finite(x) -> None:
+    """Raise on NaN or infinite values."""
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if values.size and not np.all(np.isfinite(values)):
+        raise ValueError("The expression matrix has NaN or infinite values.")
+
+
 def _check_counts(x) -> None:
-    """Raise on negative values; warn (as scvi-tools does) on non-integers."""
+    """Raise on negative values and warn on non-integers: the negative binomial models raw counts."""
     values = x.data if sparse.issparse(x) else np.asarray(x)
     if values.size == 0:
         return
-    if np.nanmin(values) < 0:
-        raise ValueError("The count matrix has negative values; SAMS-VAE models raw UMI counts.")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("The count matrix has NaN or infinite values; SAMS-VAE models raw UMI counts.")
+    if np.min(values) < 0:
+        raise ValueError(
+            "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
+            "normalised or scaled data, create the model with likelihood='normal'."
+        )
+    if not np.all(values == np.round(values)):
+        warnings.warn(
+            "The data are not integers, as unnormalized count data would be; the negative binomial likelihood "
+            "models raw UMI counts. For normalised data, create the model with likelihood='normal'.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:

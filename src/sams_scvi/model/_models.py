@@ -17,6 +17,7 @@ from typing import Literal
 from anndata import AnnData
 
 from ._base import BasePerturbationModel
+from ._recipes import resolve_recipe
 
 
 class SAMSVAE(BasePerturbationModel):
@@ -46,9 +47,18 @@ class SAMSVAE(BasePerturbationModel):
         If ``False`` (default), the basal encoder also sees the sampled perturbation offset.
     n_particles
         Monte-Carlo particles per training step.
+    likelihood
+        ``"nb"`` (default): raw UMI counts with a negative binomial, as in the paper. ``"normal"``: normalised or
+        scaled data with a gene-wise Gaussian; ATEs are then differences of means on the data's own scale.
+    recipe
+        Optimisation settings (the objective, the paper's ELBO, is the same): ``"fast"`` (default) starts the
+        masks on (logit 3) and trains the per-perturbation variational parameters 10x faster, so that effects are
+        carried at full size by the mechanism within minutes; ``"reference"`` is the authors' (masks at 0.5, one
+        learning rate). Arguments given explicitly (``mask_init_logit``, ``plan_kwargs={"global_lr_factor": ...}``)
+        override the recipe. Measurements: ``docs/model.md``.
     **module_kwargs
         Further arguments of :class:`~sams_scvi.module.SAMSModule` (e.g. ``embedding_encoder_n_hidden``,
-        ``mask_init_logit``).
+        ``mask_init_logit``, ``embedding_init_scale``).
 
     Examples
     --------
@@ -73,20 +83,25 @@ class SAMSVAE(BasePerturbationModel):
         guide: Literal["correlated", "mean_field"] = "correlated",
         mean_field_encoder: bool = False,
         n_particles: int = 5,
+        likelihood: Literal["nb", "normal"] = "nb",
+        recipe: Literal["fast", "reference"] = "fast",
         **module_kwargs,
     ) -> None:
         super().__init__(adata, registry)
+        chosen = resolve_recipe(recipe)
+        self._recipe_plan_kwargs = dict(chosen.plan)
         self._build_module(
             n_latent,
             n_hidden,
             n_layers,
             n_particles,
+            likelihood=likelihood,
             mechanism="sparse",
             mask_prior_prob=mask_prior_prob,
             embedding_prior_scale=embedding_prior_scale,
             guide=guide,
             mean_field_encoder=mean_field_encoder,
-            **module_kwargs,
+            **{**chosen.module, **module_kwargs},
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -99,7 +114,7 @@ class CPAVAE(BasePerturbationModel):
 
     Parameters
     ----------
-    adata, registry, n_latent, n_hidden, n_layers, embedding_prior_scale, mean_field_encoder, n_particles
+    adata, registry, n_latent, n_hidden, n_layers, embedding_prior_scale, mean_field_encoder, n_particles, likelihood
         As for :class:`SAMSVAE`.
     **module_kwargs
         Further arguments of :class:`~sams_scvi.module.SAMSModule`.
@@ -117,6 +132,7 @@ class CPAVAE(BasePerturbationModel):
         embedding_prior_scale: float = 1.0,
         mean_field_encoder: bool = False,
         n_particles: int = 5,
+        likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:
         super().__init__(adata, registry)
@@ -125,6 +141,7 @@ class CPAVAE(BasePerturbationModel):
             n_hidden,
             n_layers,
             n_particles,
+            likelihood=likelihood,
             mechanism="dense",
             embedding_prior_scale=embedding_prior_scale,
             mean_field_encoder=mean_field_encoder,
@@ -142,7 +159,7 @@ class ConditionalVAE(BasePerturbationModel):
 
     Parameters
     ----------
-    adata, registry, n_latent, n_hidden, n_layers, n_particles
+    adata, registry, n_latent, n_hidden, n_layers, n_particles, likelihood
         As for :class:`SAMSVAE`.
     **module_kwargs
         Further arguments of :class:`~sams_scvi.module.SAMSModule`.
@@ -158,10 +175,13 @@ class ConditionalVAE(BasePerturbationModel):
         n_hidden: int = 400,
         n_layers: int = 1,
         n_particles: int = 5,
+        likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:
         super().__init__(adata, registry)
-        self._build_module(n_latent, n_hidden, n_layers, n_particles, mechanism="none", **module_kwargs)
+        self._build_module(
+            n_latent, n_hidden, n_layers, n_particles, likelihood=likelihood, mechanism="none", **module_kwargs
+        )
         self.init_params_ = self._get_init_params(locals())
 
 
@@ -175,7 +195,7 @@ class SVAEPlus(BasePerturbationModel):
 
     Parameters
     ----------
-    adata, registry, n_latent, n_hidden, n_layers, n_particles
+    adata, registry, n_latent, n_hidden, n_layers, n_particles, likelihood
         As for :class:`SAMSVAE`.
     mask_prior_beta
         :math:`\beta` of the Beta(1, β) prior on mask probabilities (2 in the paper's Norman runs).
@@ -195,6 +215,7 @@ class SVAEPlus(BasePerturbationModel):
         n_layers: int = 1,
         mask_prior_beta: float = 2.0,
         n_particles: int = 5,
+        likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:
         super().__init__(adata, registry)
@@ -203,6 +224,7 @@ class SVAEPlus(BasePerturbationModel):
             n_hidden,
             n_layers,
             n_particles,
+            likelihood=likelihood,
             mechanism="sparse_point",
             mask_prior_beta=mask_prior_beta,
             **module_kwargs,

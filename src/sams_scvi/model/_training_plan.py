@@ -10,8 +10,10 @@ from scvi.train import TrainingPlan
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
 
-def log1p_mean_std(x, indices: np.ndarray, chunk_size: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased standard deviation of ``log(1 + x)`` over the rows ``indices``, in chunks.
+def log1p_mean_std(x, indices: np.ndarray, chunk_size: int = 10_000, log: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased standard deviation of ``log(1 + x)`` (or of ``x``) over the rows ``indices``.
+
+    Accumulated in chunks of rows; ``log=False`` uses the values themselves (the ``"normal"`` likelihood's input).
 
     Genes with zero variance (e.g. no counts in these cells) get standard deviation 1, so the encoder
     input stays finite (the reference divides by zero there).
@@ -23,7 +25,8 @@ def log1p_mean_std(x, indices: np.ndarray, chunk_size: int = 10_000) -> tuple[np
     for start in range(0, len(indices), chunk_size):
         block = x[indices[start : start + chunk_size]]
         block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-        block = np.log1p(block.astype(np.float64))
+        block = block.astype(np.float64)
+        block = np.log1p(block) if log else block
         total += block.sum(0)
         total_sq += (block**2).sum(0)
     n = len(indices)
@@ -89,7 +92,7 @@ class SAMSTrainingPlan(TrainingPlan):
         design = manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
         module = self.module
         if not bool(module.normalization_fitted):
-            mean, std = log1p_mean_std(x, datamodule.train_idx)
+            mean, std = log1p_mean_std(x, datamodule.train_idx, log=module.likelihood != "normal")
             module.x_log_mean.copy_(torch.as_tensor(mean))
             module.x_log_std.copy_(torch.as_tensor(std))
             module.normalization_fitted.fill_(True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributions import Normal
@@ -105,6 +107,12 @@ class _StraightThrough(torch.autograd.Function):
 def bernoulli_log_prob(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Exact Bernoulli log-mass ``value * logits - softplus(logits)`` (differentiable in both arguments)."""
     return value * logits - F.softplus(logits)
+
+
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_g \log N(x_g; \mu_g, \sigma_g^2)` for ``x`` (n, G), ``mean`` (..., n, G) and ``scale`` (G,); shape (..., n)."""
+    z = (x - mean) / scale
+    return -0.5 * z.square().sum(-1) - torch.log(scale).sum() - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
 
 def negative_binomial_count_terms(

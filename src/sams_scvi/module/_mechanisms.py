@@ -9,11 +9,22 @@ per particle, the latent shift of each atomic perturbation and the KL-type term 
 * ``point()`` -> the posterior point estimate, ``{"shift": (1, T, K), ...}``;
 * ``variational_parameters()`` -> the free per-perturbation parameters (for their own learning rate).
 
-A cell's latent offset is then :math:`d_i\,\mathrm{shift}` (see :meth:`SAMSModule.latent_offset`).
+A cell's latent offset is then :math:`d_i\,\mathrm{shift}` (see :meth:`SAMSModule.latent_offset`). Each mechanism
+also declares how the shared networks use it (class attributes, read by :class:`SAMSModule`):
+
+* ``has_mask``, ``has_shift``: whether it has masks, and a latent shift at all;
+* ``encodes_basal``: the encoder infers the basal state :math:`z_b` (``False``: the perturbed state :math:`z`,
+  and :math:`z_b = z - \mathrm{offset}`);
+* ``encoder_sees_offset``: whether the encoder may be conditioned on the sampled offset (``mean_field_encoder``);
+* ``treatment_in_networks``: the treatment vector :math:`d` itself is an input of the encoder and decoder.
+
+Each mechanism's own arguments (priors, guide, initialisation) are those of its constructor, and nowhere else:
+:class:`SAMSModule` passes its extra keyword arguments through, and an argument a mechanism does not take raises.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Literal
 
@@ -34,10 +45,38 @@ class SparseMechanism(nn.Module):
     Guide :math:`q(M)\,q(E \mid M)`: free Bernoulli logits sampled by a straight-through relaxed Bernoulli, and
     either the ``"correlated"`` :math:`q(e_t \mid m_t, t)` (a Gaussian MLP of ``[m_t; onehot(t)]``; the one-hot
     part is a learned row per perturbation) or the ``"mean_field"`` :math:`q(E)` with free location and scale.
+
+    Parameters
+    ----------
+    n_perturbations, n_latent
+        ``T`` and ``K``.
+    mask_prior_prob
+        Prior probability :math:`\alpha` that a mask entry is on.
+    embedding_prior_scale
+        Prior scale :math:`\sigma_E` of the embeddings.
+    guide
+        ``"correlated"`` (:math:`q(E \mid M)`) or ``"mean_field"`` (:math:`q(E)`).
+    embedding_encoder_n_hidden, embedding_encoder_n_layers
+        Size of the correlated guide's :math:`q(e_t \mid m_t, t)` network.
+    mask_init_logit
+        Initial logit of every mask posterior entry (0, probability 0.5, as the reference). A sparse start (e.g.
+        -2) recovers sparse masks in fewer steps but can leave weak perturbations without any active dimension;
+        see ``docs/model.md``.
+    gumbel_temperature
+        Temperature of the relaxed Bernoulli.
+    embedding_init_scale
+        Initial scale of :math:`q(E)` (the reference: 1, the prior's). A sampled embedding of an untrained
+        perturbation is noise of this size in the latent state.
+    mask_kl_weight
+        Weight of the masks' KL term (1: the ELBO). Above 1 the objective is no longer the ELBO; it prunes mask
+        entries that the likelihood does not need faster.
     """
 
     has_mask = True
     has_shift = True
+    encodes_basal = True
+    encoder_sees_offset = True
+    treatment_in_networks = False
 
     def __init__(
         self,
@@ -50,6 +89,8 @@ class SparseMechanism(nn.Module):
         embedding_encoder_n_layers: int = 2,
         mask_init_logit: float = 0.0,
         gumbel_temperature: float = 1.0,
+        embedding_init_scale: float = 1.0,
+        mask_kl_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if guide not in ("correlated", "mean_field"):
@@ -58,6 +99,7 @@ class SparseMechanism(nn.Module):
             raise ValueError("`mask_prior_prob` must be in (0, 1).")
         self.guide = guide
         self.gumbel_temperature = gumbel_temperature
+        self.mask_kl_weight = mask_kl_weight
         self.register_buffer("mask_prior_logit", torch.tensor(math.log(mask_prior_prob / (1 - mask_prior_prob))))
         self.register_buffer("embedding_prior_scale", torch.tensor(float(embedding_prior_scale)))
         self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
@@ -66,9 +108,13 @@ class SparseMechanism(nn.Module):
                 n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers
             )
             self.perturbation_onehot = nn.Embedding(n_perturbations, embedding_encoder_n_hidden)
+            with torch.no_grad():  # initial q(E | M) scale: variance exp(bias) + 1e-4
+                self.embedding_encoder.log_var.bias.fill_(2 * math.log(embedding_init_scale))
         else:
             self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
-            self.embedding_log_scale = nn.Parameter(torch.zeros(n_perturbations, n_latent))
+            self.embedding_log_scale = nn.Parameter(
+                torch.full((n_perturbations, n_latent), math.log(embedding_init_scale))
+            )
 
     def variational_parameters(self) -> list[nn.Parameter]:
         if self.guide == "correlated":
@@ -89,9 +135,9 @@ class SparseMechanism(nn.Module):
         out = {"shift": mask * embedding, "mask": mask, "embedding": embedding}
         if with_kl:
             p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
-            log_q = q_embedding.log_prob(embedding) + bernoulli_log_prob(mask, logits)
-            log_p = p_embedding.log_prob(embedding) + bernoulli_log_prob(mask, self.mask_prior_logit)
-            out["kl"] = (log_q - log_p).sum(-1)
+            kl_embedding = q_embedding.log_prob(embedding) - p_embedding.log_prob(embedding)
+            kl_mask = bernoulli_log_prob(mask, logits) - bernoulli_log_prob(mask, self.mask_prior_logit)
+            out["kl"] = (kl_embedding + self.mask_kl_weight * kl_mask).sum(-1)
         return out
 
     @torch.no_grad()
@@ -108,10 +154,20 @@ class DenseMechanism(nn.Module):
 
     Prior :math:`e_{tk} \sim N(0, \sigma_E^2)`; mean-field :math:`q(E)` with free location and scale
     (initialised to 0 and 1).
+
+    Parameters
+    ----------
+    n_perturbations, n_latent
+        ``T`` and ``K``.
+    embedding_prior_scale
+        Prior scale :math:`\sigma_E` of the embeddings.
     """
 
     has_mask = False
     has_shift = True
+    encodes_basal = True
+    encoder_sees_offset = True
+    treatment_in_networks = False
 
     def __init__(self, n_perturbations: int, n_latent: int, embedding_prior_scale: float = 1.0) -> None:
         super().__init__()
@@ -146,10 +202,24 @@ class SparsePointMechanism(nn.Module):
     mass on :math:`\pi = \sigma(\lambda)` (MAP: :math:`\log q = 0`) and masks drawn from the relaxed Bernoulli
     with those probabilities, so :math:`q(m)` and :math:`p(m \mid \pi)` cancel and the global term is
     :math:`-\sum_k \log \mathrm{Beta}(\pi_{tk}; 1, \beta)`.
+
+    Parameters
+    ----------
+    n_perturbations, n_latent
+        ``T`` and ``K``.
+    mask_prior_beta
+        :math:`\beta` of the :math:`\mathrm{Beta}(1, \beta)` prior on mask probabilities (at least 1).
+    mask_init_logit
+        Initial logit of the mask probabilities.
+    gumbel_temperature
+        Temperature of the relaxed Bernoulli.
     """
 
     has_mask = True
     has_shift = True
+    encodes_basal = False  # q(z | x): the encoder infers the perturbed state
+    encoder_sees_offset = False  # ... from the counts alone
+    treatment_in_networks = False
 
     def __init__(
         self,
@@ -193,6 +263,9 @@ class NoMechanism(nn.Module):
 
     has_mask = False
     has_shift = False
+    encodes_basal = True
+    encoder_sees_offset = True  # with no shift, "the offset" the encoder may see is the treatment vector d
+    treatment_in_networks = True
 
     def __init__(self, n_perturbations: int, n_latent: int) -> None:
         super().__init__()
@@ -214,14 +287,26 @@ class NoMechanism(nn.Module):
         return {"shift": self._anchor.new_zeros(1, self.n_perturbations, self.n_latent)}
 
 
+MECHANISMS = {
+    "sparse": SparseMechanism,
+    "dense": DenseMechanism,
+    "sparse_point": SparsePointMechanism,
+    "none": NoMechanism,
+}
+
+
 def build_mechanism(name: MechanismName, n_perturbations: int, n_latent: int, **kwargs) -> nn.Module:
-    """The mechanism called ``name`` (``"sparse"``, ``"dense"``, ``"sparse_point"`` or ``"none"``)."""
-    classes = {
-        "sparse": SparseMechanism,
-        "dense": DenseMechanism,
-        "sparse_point": SparsePointMechanism,
-        "none": NoMechanism,
-    }
-    if name not in classes:
-        raise ValueError(f"Unknown mechanism {name!r}; choose from {list(classes)}.")
-    return classes[name](n_perturbations, n_latent, **kwargs)
+    """The mechanism called ``name`` (``"sparse"``, ``"dense"``, ``"sparse_point"`` or ``"none"``).
+
+    ``kwargs`` are the mechanism's own constructor arguments; one it does not take raises a ``ValueError``.
+    """
+    if name not in MECHANISMS:
+        raise ValueError(f"Unknown mechanism {name!r}; choose from {list(MECHANISMS)}.")
+    cls = MECHANISMS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "n_perturbations", "n_latent"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{unknown} do not apply to the {name!r} mechanism (model); leave them out. It takes {sorted(accepted)}."
+        )
+    return cls(n_perturbations, n_latent, **kwargs)

@@ -15,12 +15,14 @@ from ._components import (
     CovariateEmbedding,
     GaussianMLP,
     ResidualMLP,
+    gaussian_log_likelihood,
     negative_binomial_count_terms,
     negative_binomial_mean_terms,
 )
 from ._mechanisms import MechanismName, build_mechanism
 from ._sampling import sample_negative_binomial
 
+Likelihood = Literal["nb", "normal"]
 _MEAN_EPS = 1e-4  # the reference's Gamma-Poisson rate theta / (mu + 1e-4): the NB mean is mu + 1e-4
 
 
@@ -66,29 +68,23 @@ class SAMSModule(BaseModuleClass):
         Width and depth of the encoder and decoder trunks.
     n_cats_per_cov
         Number of categories of each categorical covariate (batch first); the decoder is conditioned on them.
-    mask_prior_prob
-        Prior probability :math:`\alpha` that a mask entry is on.
-    embedding_prior_scale
-        Prior scale :math:`\sigma_E` of the embeddings.
-    guide
-        ``"correlated"`` (:math:`q(E \mid M)`) or ``"mean_field"`` (:math:`q(E)`).
     mean_field_encoder
         If ``True`` the encoder sees only the counts; otherwise also the sampled offset :math:`D(M \odot E)` (the
-        treatment vector for the conditional VAE). SVAE+'s encoder always sees only the counts.
-    embedding_encoder_n_hidden, embedding_encoder_n_layers
-        Size of the correlated guide's :math:`q(e_t \mid m_t, t)` network.
+        treatment vector for the conditional VAE). Ignored by mechanisms whose encoder sees only the counts
+        (SVAE+).
     n_particles
         Monte-Carlo particles per training step.
-    mask_init_logit
-        Initial logit of every mask posterior entry (0, probability 0.5, as the reference). A sparse start
-        (e.g. -2) recovers sparse masks in fewer steps but can leave weak perturbations without any active
-        dimension; see ``docs/model.md`` for measurements.
-    gumbel_temperature
-        Temperature of the relaxed Bernoulli.
     mechanism
-        The latent-shift model (table above); the SAMS-specific arguments apply to ``"sparse"``.
-    mask_prior_beta
-        :math:`\beta` of SVAE+'s :math:`\mathrm{Beta}(1, \beta)` prior on mask probabilities.
+        The latent-shift model (table above).
+    likelihood
+        ``"nb"``: raw counts, :math:`x \\sim NB(l\\,\\mathrm{softmax}(f(z)), \\theta)` (the paper's). ``"normal"``:
+        normalised data (e.g. log-normalised or scaled expression, or the paper's Gaussian simulation),
+        :math:`x_g \\sim N(f_g(z), \\sigma_g^2)` with a learned gene-wise :math:`\\sigma_g`; the encoder then reads
+        :math:`(x - m_g) / s_g` instead of :math:`(\\log(1 + x) - m_g) / s_g`.
+    **mechanism_kwargs
+        Arguments of the mechanism's class (priors, guide, initialisation), e.g. ``mask_prior_prob``, ``guide`` or
+        ``embedding_init_scale`` for :class:`~sams_scvi.module._mechanisms.SparseMechanism`; an argument the
+        mechanism does not take raises a ``ValueError``.
     """
 
     def __init__(
@@ -99,28 +95,24 @@ class SAMSModule(BaseModuleClass):
         n_hidden: int = 400,
         n_layers: int = 1,
         n_cats_per_cov: list[int] | None = None,
-        mask_prior_prob: float = 0.01,
-        embedding_prior_scale: float = 1.0,
-        guide: Literal["correlated", "mean_field"] = "correlated",
         mean_field_encoder: bool = False,
-        embedding_encoder_n_hidden: int = 200,
-        embedding_encoder_n_layers: int = 2,
         n_particles: int = 5,
-        mask_init_logit: float = 0.0,
-        gumbel_temperature: float = 1.0,
         mechanism: MechanismName = "sparse",
-        mask_prior_beta: float = 2.0,
+        likelihood: Likelihood = "nb",
+        **mechanism_kwargs,
     ) -> None:
         super().__init__()
+        if likelihood not in ("nb", "normal"):
+            raise ValueError(f"`likelihood` must be 'nb' or 'normal', not {likelihood!r}.")
+        self.likelihood = likelihood
         self.n_input = n_input
         self.n_perturbations = n_perturbations
         self.n_latent = n_latent
         self.n_particles = n_particles
         self.mechanism_name = mechanism
-        # SVAE+ encodes the perturbed latent z from the counts alone; the others encode z_b.
-        self.encodes_basal = mechanism != "sparse_point"
-        self.mean_field_encoder = mean_field_encoder or mechanism == "sparse_point"
-        self.treatment_in_networks = mechanism == "none"  # the conditional VAE's encoder and decoder see D
+        # Globals and their guide: q(M) q(E | M) for SAMS-VAE, and the comparison models' counterparts.
+        self.mechanism = build_mechanism(mechanism, n_perturbations, n_latent, **mechanism_kwargs)
+        self.mean_field_encoder = mean_field_encoder or not self.mechanism.encoder_sees_offset
 
         # Fixed data statistics (buffers: saved with the model, moved with .to()).
         self.register_buffer("x_log_mean", torch.zeros(n_input))
@@ -128,33 +120,20 @@ class SAMSModule(BaseModuleClass):
         self.register_buffer("normalization_fitted", torch.tensor(False))
         self.register_buffer("train_perturbation_counts", torch.zeros(n_perturbations))
 
-        # Globals and their guide: q(M) q(E | M) for SAMS-VAE, and the comparison models' counterparts.
-        mechanism_kwargs = _mechanism_arguments(
-            mechanism,
-            mask_prior_prob=mask_prior_prob,
-            embedding_prior_scale=embedding_prior_scale,
-            guide=guide,
-            embedding_encoder_n_hidden=embedding_encoder_n_hidden,
-            embedding_encoder_n_layers=embedding_encoder_n_layers,
-            mask_init_logit=mask_init_logit,
-            gumbel_temperature=gumbel_temperature,
-            mask_prior_beta=mask_prior_beta,
-        )
-        self.mechanism = build_mechanism(mechanism, n_perturbations, n_latent, **mechanism_kwargs)
         # q(z_b | x [, D(M*E)]), q(z | x) for SVAE+, or q(z | x, D) for the conditional VAE.
         self.basal_encoder = GaussianMLP(n_input, n_latent, n_hidden, n_layers)
         conditioned = not self.mean_field_encoder
+        in_networks = self.mechanism.treatment_in_networks
         self.design_projection = (
-            nn.Linear(n_perturbations, n_hidden, bias=False) if conditioned and self.treatment_in_networks else None
+            nn.Linear(n_perturbations, n_hidden, bias=False) if conditioned and in_networks else None
         )
-        self.offset_projection = (
-            nn.Linear(n_latent, n_hidden, bias=False) if conditioned and not self.treatment_in_networks else None
-        )
+        self.offset_projection = nn.Linear(n_latent, n_hidden, bias=False) if conditioned and not in_networks else None
         # p(x | z, c [, D]).
         self.decoder = ResidualMLP(n_latent, n_hidden, n_layers)
         self.decoder_covariates = CovariateEmbedding(n_cats_per_cov or [], n_hidden)
-        self.decoder_design = nn.Linear(n_perturbations, n_hidden, bias=False) if self.treatment_in_networks else None
+        self.decoder_design = nn.Linear(n_perturbations, n_hidden, bias=False) if in_networks else None
         self.decoder_head = nn.Linear(n_hidden, n_input)
+        # NB: gene-wise inverse dispersion theta = exp(phi); normal: gene-wise noise scale sigma = exp(phi)
         self.log_dispersion = nn.Parameter(torch.zeros(n_input))
 
     # ------------------------------------------------------------------ global variables
@@ -196,11 +175,22 @@ class SAMSModule(BaseModuleClass):
         offset = shift.new_zeros(shift.shape[0], design.shape[0], shift.shape[-1])
         return offset.index_add(1, rows, weighted)
 
+    @staticmethod
+    def compose(z_basal: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The perturbed latent state :math:`z = z_b + D (M \\odot E)` (shapes broadcast)."""
+        return z_basal + offset
+
+    def split_encoded(self, z_encoded: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_basal, z)`` from the encoder's variable: :math:`z_b` for most mechanisms, :math:`z` for SVAE+."""
+        if self.mechanism.encodes_basal:
+            return z_encoded, self.compose(z_encoded, offset)
+        return z_encoded - offset, z_encoded
+
     def basal_mean(self, inference_outputs: dict) -> torch.Tensor:
-        """Posterior mean of :math:`z_b`, (S, n, K), from :meth:`inference` outputs (SVAE+ encodes :math:`z = z_b + d`)."""
+        """Posterior mean of :math:`z_b`, (S, n, K), from :meth:`inference` outputs."""
         loc = inference_outputs["qz"].loc
         loc = loc if loc.dim() == 3 else loc[None]  # (S, n, K); S = 1 when the encoder sees only the counts
-        return loc if self.encodes_basal else loc - inference_outputs["offset"]
+        return self.split_encoded(loc, inference_outputs["offset"])[0]
 
     # ------------------------------------------------------------------ scvi-tools module interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
@@ -223,8 +213,12 @@ class SAMSModule(BaseModuleClass):
         return torch.cat(parts, dim=-1) if parts else None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder input :math:`(\\log(1 + x) - m_g) / s_g` with training-split gene statistics."""
-        return (torch.log1p(x) - self.x_log_mean) / self.x_log_std
+        """Encoder input :math:`(\\log(1 + x) - m_g) / s_g` (counts) or :math:`(x - m_g) / s_g` (``"normal"``).
+
+        :math:`m_g, s_g` are training-split gene statistics of the same transform.
+        """
+        values = x if self.likelihood == "normal" else torch.log1p(x)
+        return (values - self.x_log_mean) / self.x_log_std
 
     @auto_move_data
     def inference(
@@ -251,7 +245,7 @@ class SAMSModule(BaseModuleClass):
             shift = self.design_projection(design)
         qz = self.basal_encoder(self.normalize(x), shift=shift)
         z_encoded = qz.rsample() if qz.loc.dim() == 3 else qz.rsample((n_particles,))
-        z_basal, z = (z_encoded, z_encoded + offset) if self.encodes_basal else (z_encoded - offset, z_encoded)
+        z_basal, z = self.split_encoded(z_encoded, offset)
         return {
             "qz": qz,
             "z_encoded": z_encoded,
@@ -270,15 +264,19 @@ class SAMSModule(BaseModuleClass):
         covariates: torch.Tensor | None = None,
         design: torch.Tensor | None = None,
     ) -> dict:
-        """Decode :math:`z` (..., n, K) into expression proportions ``rho``, NB means ``mu`` and ``theta`` (G,).
+        """Decode :math:`z` (..., n, K) into the likelihood's parameters.
 
-        ``design`` (n, T) is read only by the conditional VAE, whose decoder sees the treatment.
+        ``"nb"``: expression proportions ``rho``, NB means ``mu`` and inverse dispersions ``theta`` (G,);
+        ``"normal"``: ``mean`` (..., n, G) and ``scale`` (G,). ``design`` (n, T) is read only by the conditional
+        VAE, whose decoder sees the treatment; ``library`` only by the negative binomial.
         """
         shift = self.decoder_covariates(covariates)
         if self.decoder_design is not None:
             design_shift = self.decoder_design(design)
             shift = design_shift if shift is None else shift + design_shift
         h = self.decoder(z, shift=shift)
+        if self.likelihood == "normal":
+            return {"mean": self.decoder_head(h), "scale": self.log_dispersion.exp()}
         rho = torch.softmax(self.decoder_head(h), dim=-1)
         mu = rho.mul(library[..., None]).add_(_MEAN_EPS)  # 2 passes over (..., n, G) instead of 4 via log_softmax
         return {"rho": rho, "mu": mu, "theta": self.log_dispersion.exp()}
@@ -300,13 +298,16 @@ class SAMSModule(BaseModuleClass):
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict, generative_outputs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
+        log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
+        kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
+        if self.likelihood == "normal":
+            x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mean"].device)
+            return gaussian_log_likelihood(x, generative_outputs["mean"], generative_outputs["scale"]), kl_basal
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
         mu, theta = generative_outputs["mu"], generative_outputs["theta"]
         nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
         count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
         mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle
-        log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
-        kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         return count_only + mean_part, kl_basal
 
     def loss(
@@ -335,45 +336,15 @@ class SAMSModule(BaseModuleClass):
 
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
-        """Posterior-predictive counts of shape (n_samples, n, G)."""
+        """Posterior-predictive draws of shape (n_samples, n, G): counts, or values for ``"normal"``."""
         inference_outputs, generative_outputs = self.forward(
             tensors, inference_kwargs={"n_samples": n_samples}, compute_loss=False
         )
-        return sample_negative_binomial(generative_outputs["mu"], generative_outputs["theta"]).cpu()
+        return self.sample_observations(generative_outputs).cpu()
 
-
-_MECHANISM_DEFAULTS = {
-    "mask_prior_prob": 0.01,
-    "embedding_prior_scale": 1.0,
-    "guide": "correlated",
-    "embedding_encoder_n_hidden": 200,
-    "embedding_encoder_n_layers": 2,
-    "mask_init_logit": 0.0,
-    "gumbel_temperature": 1.0,
-    "mask_prior_beta": 2.0,
-}
-_MECHANISM_ARGUMENTS = {
-    "sparse": {
-        "mask_prior_prob",
-        "embedding_prior_scale",
-        "guide",
-        "embedding_encoder_n_hidden",
-        "embedding_encoder_n_layers",
-        "mask_init_logit",
-        "gumbel_temperature",
-    },
-    "dense": {"embedding_prior_scale"},
-    "sparse_point": {"mask_prior_beta", "mask_init_logit", "gumbel_temperature"},
-    "none": set(),
-}
-
-
-def _mechanism_arguments(mechanism: str, **arguments) -> dict:
-    """The arguments ``mechanism`` takes; raise when one it does not take is set to a non-default value."""
-    if mechanism not in _MECHANISM_ARGUMENTS:
-        raise ValueError(f"Unknown mechanism {mechanism!r}; choose from {list(_MECHANISM_ARGUMENTS)}.")
-    taken = _MECHANISM_ARGUMENTS[mechanism]
-    unused = [name for name, value in arguments.items() if value != _MECHANISM_DEFAULTS[name] and name not in taken]
-    if unused:
-        raise ValueError(f"{unused} do not apply to the {mechanism!r} mechanism (model); leave them out.")
-    return {name: value for name, value in arguments.items() if name in taken}
+    def sample_observations(self, generative_outputs: dict) -> torch.Tensor:
+        """One draw of :math:`x` from the likelihood with the given :meth:`generative` outputs."""
+        if self.likelihood == "normal":
+            mean = generative_outputs["mean"]
+            return torch.randn_like(mean).mul_(generative_outputs["scale"]).add_(mean)
+        return sample_negative_binomial(generative_outputs["mu"], generative_outputs["theta"])
