@@ -81,5 +81,9 @@ def baseline_ate(
         X=values,
         obs=pd.DataFrame(index=pd.Index(perturbations, name="perturbation")),
         var=pd.DataFrame(index=adata.var_names.copy()),
-        uns={"control": control_value, "baseline": kind, "scale": f"{scale}(1 + 1e4 * x / sum(x))"},
+        uns={
+            "control": control_value,
+            "baseline": kind,
+            "scale": "data" if scale == "none" else f"{scale}(1 + 1e4 * x / sum(x))",
+        },
     )

@@ -31,6 +31,7 @@ def evaluate(
     library_size: float | Literal["median"] = 1e4,
     disjoint_controls: bool = False,
     per_perturbation: bool = False,
+    scale: Literal["log2", "log1p", "none"] | None = None,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -68,6 +69,9 @@ def evaluate(
     per_perturbation
         Return one row per (subset, perturbation) with :func:`~sams_scvi.metrics.ate_metrics_per_perturbation`
         and the perturbation's number of cells in the subset, instead of one pooled row per subset.
+    scale
+        Scale of the data ATEs and baselines (see :func:`~sams_scvi.metrics.observed_ate`); default, the model's:
+        ``"none"`` for ``likelihood="normal"``, else the paper's ``"log2"``.
     seed
         Seed of the control halves.
     progress_bar
@@ -102,10 +106,22 @@ def evaluate(
         fit_half, score_half = random_halves(np.flatnonzero(labels == control_value), seed)
         observed_cells = np.setdiff1d(np.arange(adata.n_obs), fit_half)
         baseline_cells = np.setdiff1d(cells["train"], score_half)
-    observed = observed_ate(adata, perturbation_key, control_value, perturbations=everything, indices=observed_cells)
+    if scale is None:  # a model's estimate_ate decides: data-scale ATEs for the Gaussian likelihood
+        normal = not is_baseline and getattr(predictor.module, "likelihood", "nb") == "normal"
+        scale = "none" if normal else "log2"
+    observed = observed_ate(
+        adata, perturbation_key, control_value, perturbations=everything, indices=observed_cells, scale=scale
+    )
     if is_baseline:
         predicted = baseline_ate(
-            adata, predictor, everything, perturbation_key, control_value, delimiter, indices=baseline_cells
+            adata,
+            predictor,
+            everything,
+            perturbation_key,
+            control_value,
+            delimiter,
+            indices=baseline_cells,
+            scale=scale,
         )
     else:
         predicted = predictor.estimate_ate(

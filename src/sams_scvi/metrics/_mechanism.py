@@ -43,9 +43,12 @@ def effect_decomposition(
     * ``fitted``: the model's reconstruction of the cells, each decoded from its own posterior (basal state plus
       its own shift) and sampled at its observed library; a slope below 1 here is lost by the likelihood fit
       (encoder, decoder, dispersion);
-    * ``counterfactual``: the control cells' posterior basal states shifted by :math:`s_t`, sampled at their
-      observed libraries; a drop from ``fitted`` is the part the mechanism does not carry;
-    * ``ate_control``: :meth:`estimate_ate` with ``basal="control"`` at ``library_size``;
+    * ``counterfactual``: the control cells' posterior basal states shifted by the label's sampled latent shift,
+      sampled at their observed libraries; a drop from ``fitted`` is the part the mechanism does not carry
+      (these two stages draw the globals from their posterior, one draw per cell, as
+      :meth:`predict_perturbation` does);
+    * ``ate_control``: :meth:`estimate_ate` with ``basal="control"`` at ``library_size`` (its basal states come
+      from all registered control cells);
     * ``ate``: :meth:`estimate_ate` with the paper's prior basal states at ``library_size``; a drop from
       ``ate_control`` is the estimator's (prior draws instead of the control cells' states).
 
@@ -94,7 +97,8 @@ def effect_decomposition(
         raise ValueError("`indices` holds no control cells.")
 
     scale = "none" if model.module.likelihood == "normal" else "log2"  # the scale of the model's estimate_ate
-    observed = observed_ate(adata, key, control, perturbations, indices=indices, scale=scale).to_df()
+    layer = setup.get("layer") or setup.get("rna_layer")
+    observed = observed_ate(adata, key, control, perturbations, indices=indices, layer=layer, scale=scale).to_df()
     latent = _latent_split(model, indices, labels, control, perturbations)
 
     # fitted: every cell decoded from its own posterior; counterfactual: controls shifted by each perturbation
@@ -124,6 +128,7 @@ def effect_decomposition(
     }
 
     obs = observed.to_numpy(dtype=float)
+    top_k = min(top_k, obs.shape[1])
     top = np.argpartition(-np.abs(obs), top_k - 1, axis=1)[:, :top_k]
     table = latent.assign(
         n_cells=[int((labels == p).sum()) for p in perturbations], observed_norm=np.linalg.norm(obs, axis=1)

@@ -607,7 +607,6 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         n_conditions = design.shape[0]
         if basal not in ("prior", "control"):
             raise ValueError("`basal` must be 'prior' or 'control'.")
-        control_posterior = self._control_basal_posterior() if basal == "control" else None
 
         device = self.device
         sums = torch.zeros(n_conditions, self.module.n_input, dtype=torch.float64, device=device)
@@ -619,6 +618,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         per_block = per_chunk * max(1, _ATE_BLOCK_SAMPLES // per_chunk)
         blocks = [min(per_block, n_samples - start) for start in range(0, n_samples, per_block)]
         with _seeded(seed, device):
+            # inside the seeded block: the encoder's draws must not advance the caller's random state
+            control_posterior = self._control_basal_posterior() if basal == "control" else None
             for block in track(blocks, description="Estimating ATEs", disable=not progress_bar):
                 globals_ = self.module.sample_globals(block, with_kl=False)
                 offset = self.module.latent_offset(design, globals_["shift"])  # (block, P+1, K)
@@ -658,7 +659,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             uns={
                 "control": state["control_value"],
                 "n_samples": n_samples,
-                "library_size": float(library),
+                **({} if self.module.likelihood == "normal" else {"library_size": float(library)}),
+                "basal": basal,
                 "scale": "data" if self.module.likelihood == "normal" else "log2(1 + 1e4 * x / sum(x))",
             },
         )
@@ -684,7 +686,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             scales.append(scale)
             covariates = self.module.covariate_codes(tensors)
             if covariates is not None and not self.module.decoder_covariates.is_empty:
-                codes.append(covariates)
+                codes.append(covariates.to(scale.device))  # the loader's tensors stay on the CPU
         return torch.cat(locs), torch.cat(scales), (torch.cat(codes) if codes else None)
 
     def _control_basal_draws(
@@ -825,7 +827,8 @@ def _check_counts(x) -> None:
             "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
             "normalised or scaled data, create the model with likelihood='normal'."
         )
-    if not np.all(values == np.round(values)):
+    sample = values.ravel()[:: max(1, values.size // 100_000)]  # scvi-tools checks a sample too
+    if not np.all(sample == np.round(sample)):
         warnings.warn(
             "The data are not integers, as unnormalized count data would be; the negative binomial likelihood "
             "models raw UMI counts. For normalised data, create the model with likelihood='normal'.",

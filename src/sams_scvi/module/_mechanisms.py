@@ -108,8 +108,9 @@ class SparseMechanism(nn.Module):
                 n_latent, n_latent, embedding_encoder_n_hidden, embedding_encoder_n_layers
             )
             self.perturbation_onehot = nn.Embedding(n_perturbations, embedding_encoder_n_hidden)
-            with torch.no_grad():  # initial q(E | M) scale: variance exp(bias) + 1e-4
-                self.embedding_encoder.log_var.bias.fill_(2 * math.log(embedding_init_scale))
+            if embedding_init_scale != 1.0:  # 1: leave the network's own (the reference's) initialisation
+                with torch.no_grad():  # initial q(E | M) scale: variance exp(bias) + 1e-4
+                    self.embedding_encoder.log_var.bias.fill_(2 * math.log(embedding_init_scale))
         else:
             self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
             self.embedding_log_scale = nn.Parameter(

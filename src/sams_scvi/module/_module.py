@@ -77,10 +77,10 @@ class SAMSModule(BaseModuleClass):
     mechanism
         The latent-shift model (table above).
     likelihood
-        ``"nb"``: raw counts, :math:`x \\sim NB(l\\,\\mathrm{softmax}(f(z)), \\theta)` (the paper's). ``"normal"``:
+        ``"nb"``: raw counts, :math:`x \sim NB(l\,\mathrm{softmax}(f(z)), \theta)` (the paper's). ``"normal"``:
         normalised data (e.g. log-normalised or scaled expression, or the paper's Gaussian simulation),
-        :math:`x_g \\sim N(f_g(z), \\sigma_g^2)` with a learned gene-wise :math:`\\sigma_g`; the encoder then reads
-        :math:`(x - m_g) / s_g` instead of :math:`(\\log(1 + x) - m_g) / s_g`.
+        :math:`x_g \sim N(f_g(z), \sigma_g^2)` with a learned gene-wise :math:`\sigma_g`; the encoder then reads
+        :math:`(x - m_g) / s_g` instead of :math:`(\log(1 + x) - m_g) / s_g`.
     **mechanism_kwargs
         Arguments of the mechanism's class (priors, guide, initialisation), e.g. ``mask_prior_prob``, ``guide`` or
         ``embedding_init_scale`` for :class:`~sams_scvi.module._mechanisms.SparseMechanism`; an argument the
