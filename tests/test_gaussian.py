@@ -71,6 +71,11 @@ def test_gaussian_model_recovers_true_effects_of_held_out_combinations(gaussian_
     draws = model.predict_perturbation(["p0"], indices=np.arange(5), expression="counts", progress_bar=False)
     assert np.any(draws.X != np.round(draws.X))
     assert np.isfinite(model.get_marginal_ll(indices=test, n_mc_samples=20))
+    # evaluate() scores a Gaussian model against data ATEs on the data's own scale
+    table = sams_scvi.evaluate(
+        model, adata, [train, val, test], subsets=["test"], n_ate_samples=200, n_iwelbo_samples=10, progress_bar=False
+    )
+    assert table.loc["test", "pearson"] > 0.7, table
     observed = sams_scvi.metrics.observed_ate(adata, scale="none", perturbations=["p0"])
     assert observed.uns["scale"] == "data"
     np.testing.assert_allclose(
