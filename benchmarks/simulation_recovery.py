@@ -102,15 +102,7 @@ matching of latent dimensions. The paper's Gaussian simulation with held-out dou
     print(text)
 
 
-READING = """ATE recovery is good in every setting (r 0.96 or more); the default (fast) recipe predicts the effects at close to
-their full size (slope 0.92 and 0.98, against 0.47 and 0.79 for the reference recipe). The masks are the open
-problem: with either recipe they stay dense (recall 1, low precision). The reference's masks drift up from
-q = 0.5; the fast recipe's start on and are pruned little in these 800-3,900 steps (all entries still active on
-the small screen, 84 % on the large one against a true 12 %), so its F1 is no better. Latent dimensions are
-identified only through the mask prior's pressure towards axis-aligned sparse shifts; its gradient is small and
-steady (each perturbation's KL is counted once per epoch), while the straight-through mask gradients from the
-likelihood are large and noisy, so a rotated, dense solution that fits the data equally well persists (spec §9.5).
-The paper's runs are 30k-150k steps."""
+READING = 'What these numbers say: `model.md`, section "Mechanism fidelity: where effects went".'
 
 
 if __name__ == "__main__":
