@@ -116,7 +116,7 @@ def main() -> None:
     (DOCS / "results_time_to_quality.md").write_text(
         "# Time to quality on TAP-seq\n\n"
         f"Produced by `python benchmarks/time_to_quality.py` (seeds {args.seeds}, mean ± sd over seeds; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; batch size 512, so one epoch is about 16 steps). "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; batch size 512, so one epoch is 17 steps). "
         "Scores on the held-out test cells of each seed's random 80 / 10 / 10 split, against the ATE observed on "
         "them; `slope` is the least-squares slope through the origin of predicted on observed ATE (the training "
         "cells' own mean scores r 0.642 ± 0.031, R² 0.399 ± 0.043, slope 0.480 ± 0.046 on the same cells, "
