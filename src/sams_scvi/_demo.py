@@ -66,7 +66,7 @@ def run_demo(
     slope = float((pred * obs).sum() / (obs * obs).sum())  # least squares through the origin: 1 = full size
 
     ax = pl.ate_scatter(ate[singles], observed[singles])
-    ax.set_title(f"TAP-seq, {len(singles)} single targets: r = {r_all:.2f}, slope = {slope:.2f}")
+    ax.set_title(f"TAP-seq, {len(singles)} single targets\nr = {r_all:.2f}, slope = {slope:.2f}", fontsize=10)
     ax.figure.tight_layout()
     ax.figure.savefig(output_dir / "ate_scatter.png", dpi=150)
     plt.close(ax.figure)
