@@ -1,7 +1,7 @@
-"""Mechanism fidelity on the TAP-seq screen: are effects predicted at full size? Writes docs/results_fidelity.md.
+"""Mechanism fidelity on a bundled screen: are effects predicted at full size? Writes docs/results_fidelity*.md.
 
-Run: ``python benchmarks/mechanism_fidelity.py [--seeds 0 1 2] [--epochs 120]`` (about 1 minute per setting and
-seed on 2 CPU cores). For each training recipe and seed, the cells are split at random 80 / 10 / 10 into train /
+Run: ``python benchmarks/mechanism_fidelity.py [--dataset tapseq | eccite] [--seeds 0 1 2] [--epochs 120]`` (about
+2 minutes per setting and seed for TAP-seq on 2 CPU cores, 4 for ECCITE-seq). For each training recipe and seed, the cells are split at random 80 / 10 / 10 into train /
 validation / test; the model is trained on the training cells and scored on the single-target perturbations of the
 held-out test cells, against the ATE observed on those cells:
 
@@ -60,10 +60,16 @@ def scores(predicted, observed, perturbations: list[str]) -> dict:
     return out
 
 
-def run(recipe: str, seed: int, epochs: int) -> list[dict]:
+DATASETS = {
+    "tapseq": ("TAP-seq (Schraivogel 2020)", sams_scvi.data.schraivogel2020_tapseq, "results_fidelity.md"),
+    "eccite": ("ECCITE-seq (Papalexi 2021)", sams_scvi.data.papalexi2021_eccite, "results_fidelity_eccite.md"),
+}
+
+
+def run(recipe: str, seed: int, epochs: int, dataset: str = "tapseq") -> list[dict]:
     model_kwargs, plan_kwargs = RECIPES[recipe]
     scvi.settings.seed = seed
-    adata = sams_scvi.data.schraivogel2020_tapseq()
+    adata = DATASETS[dataset][1]()
     split = split_cells(adata.n_obs, seed)
     labels = adata.obs["perturbation"].astype(str).to_numpy()
     test_labels = pd.Series(labels[split[2]]).value_counts()
@@ -117,10 +123,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=120)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    parser.add_argument("--output", default=str(Path(__file__).parents[1] / "docs" / "results_fidelity.md"))
+    parser.add_argument("--dataset", choices=list(DATASETS), default="tapseq")
+    parser.add_argument("--output", default=None, help="default: docs/results_fidelity[_eccite].md")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output's .csv")
     args = parser.parse_args()
     scvi.settings.dl_num_workers = 0
+    name, load, page = DATASETS[args.dataset]
+    args.output = args.output or str(Path(__file__).parents[1] / "docs" / page)
     csv = Path(args.output).with_suffix(".csv")
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame(columns=["recipe", "seed"])
     for recipe in args.recipes:
@@ -128,7 +137,7 @@ def main() -> None:
             if ((rows["recipe"] == recipe) & (rows["seed"] == seed)).any():
                 continue
             try:
-                new = run(recipe, seed, args.epochs)
+                new = run(recipe, seed, args.epochs, args.dataset)
             except (ValueError, RuntimeError) as error:  # a run whose parameters became NaN: counted, not scored
                 print(f"{recipe}, seed {seed}: diverged ({str(error)[:80]})")
                 new = [{"recipe": recipe, "seed": seed, "predictor": "SAMS-VAE, basal=prior", "diverged": 1}]
@@ -150,10 +159,10 @@ def main() -> None:
     ]
     decomposition = [c for c in table.columns if c.startswith("decomposition_slope_") and "top20" not in c]
     Path(args.output).write_text(
-        "# Mechanism fidelity on TAP-seq: effect sizes on held-out cells\n\n"
-        f"Produced by `python benchmarks/mechanism_fidelity.py --epochs {args.epochs}` (seeds {args.seeds}, mean ± sd "
+        f"# Mechanism fidelity on {name}: effect sizes on held-out cells\n\n"
+        f"Produced by `python benchmarks/mechanism_fidelity.py --dataset {args.dataset} --epochs {args.epochs}` (seeds {args.seeds}, mean ± sd "
         f"over seeds; torch {torch.__version__}, {torch.get_num_threads()} threads). Each seed draws its own random "
-        "80 / 10 / 10 split of the 10,427 cells; scores are over the single targets with at least "
+        f"80 / 10 / 10 split of the {load().n_obs:,} cells; scores are over the single targets with at least "
         f"{MIN_TEST_CELLS} test cells, against the ATE observed on the test cells (log2(1 + 1e4 x / sum x)). "
         "`slope` is the least-squares slope through the origin of predicted on observed ATE; the training-cell "
         "mean's slope is below 1 only because the test cells' ATE is noisy, so it is the level a model should "
