@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import anndata
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -172,8 +173,6 @@ def _latent_split(model, indices, labels, control: str, perturbations: list[str]
 
 
 def _concat(parts: list[AnnData]) -> AnnData:
-    import anndata
-
     return anndata.concat(parts, index_unique=None, merge="first")
 
 
