@@ -19,7 +19,7 @@ def simulated_model():
     )
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
     model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=64, guide="mean_field", mask_init_logit=2.0)
-    model.train(max_epochs=60, plan_kwargs={"global_lr_factor": 10.0}, **TRAIN_KW)
+    model.train(max_epochs=60, plan_kwargs={"global_lr_factor": 10.0, "align_at": None}, **TRAIN_KW)
     return model, adata
 
 
@@ -126,7 +126,7 @@ def test_recipe_arguments(tmp_path):
         sams_scvi.SAMSVAE(adata, recipe="slow")
     fast = sams_scvi.SAMSVAE(adata, n_latent=2)
     assert torch.all(fast.module.mask_logits == 3.0)
-    assert fast._recipe_plan_kwargs == {"global_lr_factor": 10.0}
+    assert fast._recipe_plan_kwargs == {"global_lr_factor": 10.0, "align_at": 0.5, "mask_hold": None}
     reference = sams_scvi.SAMSVAE(adata, n_latent=2, recipe="reference")
     assert torch.all(reference.module.mask_logits == 0.0)
     explicit = sams_scvi.SAMSVAE(adata, n_latent=2, mask_init_logit=-1.0)  # an explicit argument wins
@@ -139,7 +139,7 @@ def test_recipe_arguments(tmp_path):
     assert fast.trainer.lightning_module.global_lr_factor == 2.0
     reference.save(tmp_path / "model")
     loaded = sams_scvi.SAMSVAE.load(tmp_path / "model", adata=adata)
-    assert loaded._recipe_plan_kwargs == {"global_lr_factor": 1.0}
+    assert loaded._recipe_plan_kwargs == {"global_lr_factor": 1.0, "align_at": None}
 
 
 def test_control_basal_draws_keep_each_cell_with_its_covariates():

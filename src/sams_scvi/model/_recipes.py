@@ -26,16 +26,17 @@ class Recipe:
 
 SAMS_RECIPES = {
     "fast": Recipe(
-        "masks start on (logit 3, q = 0.95) and the per-perturbation variational parameters learn 10x faster: "
-        "effects are carried by the mechanism from the first epochs, and the mask KL prunes what the likelihood "
-        "does not need (docs/model.md)",
+        "masks start on (logit 3, q = 0.95) and the per-perturbation variational parameters learn 10x faster, so "
+        "effects are carried by the mechanism from the first epochs; half way through, the latent axes are "
+        "rotated to where the shifts are sparsest, and the masks are set there and held for the rest of training "
+        "(docs/model.md)",
         module={"mask_init_logit": 3.0},
-        plan={"global_lr_factor": 10.0},
+        plan={"global_lr_factor": 10.0, "align_at": 0.5, "mask_hold": None},
     ),
     "reference": Recipe(
         "the authors' settings: mask logits start at 0 (q = 0.5), one learning rate for every parameter",
         module={"mask_init_logit": 0.0},
-        plan={"global_lr_factor": 1.0},
+        plan={"global_lr_factor": 1.0, "align_at": None},
     ),
 }
 

@@ -65,13 +65,41 @@ class SAMSTrainingPlan(TrainingPlan):
         A :class:`~sams_scvi.module.SAMSModule`.
     global_lr_factor
         Learning-rate multiplier of the per-perturbation variational parameters.
+    align_at
+        Fraction of ``max_epochs`` (at least one epoch) after which the latent axes are aligned with the mechanism
+        (:meth:`~sams_scvi.module.SAMSModule.align_mechanism`): the latent space is rotated, at no cost to the
+        likelihood, to the basis in which the learned shifts are sparsest, and the masks restart there. ``None``:
+        never (the reference). Only for mechanisms with masks.
+    align_threshold
+        A rotated shift entry restarts with its mask on if it is at least this fraction of its perturbation's
+        largest entry (or is needed to keep 90 % of the shift's squared norm).
+    mask_hold
+        Fraction of ``max_epochs`` after the alignment during which the mask logits are held, so that the networks
+        settle in the new basis before the masks move again; ``None``: to the end of training, so that the masks
+        are those chosen at the alignment (sparser; freed masks regain entries, docs/model.md).
     **kwargs
         Arguments of :class:`scvi.train.TrainingPlan`.
     """
 
-    def __init__(self, module, *, global_lr_factor: float = 1.0, **kwargs) -> None:
+    def __init__(
+        self,
+        module,
+        *,
+        global_lr_factor: float = 1.0,
+        align_at: float | None = None,
+        align_threshold: float = 0.3,
+        mask_hold: float | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(module, **kwargs)
+        if align_at is not None and not 0.0 <= align_at < 1.0:
+            raise ValueError(f"`align_at` must be a fraction of the epochs in [0, 1) or None, not {align_at}.")
+        if align_at is not None and not hasattr(module.mechanism, "rotate"):
+            raise ValueError(f"`align_at` needs a mechanism with masks, not {module.mechanism_name!r}; pass None.")
         self.global_lr_factor = global_lr_factor
+        self.align_at = align_at
+        self.align_threshold = align_threshold
+        self.mask_hold = mask_hold
 
     def configure_optimizers(self):
         config = super().configure_optimizers()
@@ -103,6 +131,25 @@ class SAMSTrainingPlan(TrainingPlan):
             if val_idx is not None and len(val_idx) > 0
             else None
         )
+
+    def on_train_epoch_start(self) -> None:
+        if self.align_at is None or self.trainer.max_epochs is None:
+            return
+        align_epoch = max(int(self.align_at * self.trainer.max_epochs), 1)  # after at least one epoch
+        hold = self.trainer.max_epochs if self.mask_hold is None else int(self.mask_hold * self.trainer.max_epochs)
+        release_epoch = align_epoch + max(hold, 0)
+        if self.current_epoch == align_epoch:
+            self.module.align_mechanism(self.align_threshold)
+            for optimizer in self.trainer.optimizers:  # Adam's moments refer to the old basis
+                optimizer.state.clear()
+            self.module.mechanism.mask_logits.requires_grad_(release_epoch <= align_epoch)
+        elif self.current_epoch == release_epoch:
+            self.module.mechanism.mask_logits.requires_grad_(True)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.align_at is not None:
+            self.module.mechanism.mask_logits.requires_grad_(True)
 
     def on_validation_epoch_start(self) -> None:
         if getattr(self, "_validation_counts", None) is not None:

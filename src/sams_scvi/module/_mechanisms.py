@@ -142,6 +142,33 @@ class SparseMechanism(nn.Module):
         return out
 
     @torch.no_grad()
+    def rotate(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = 3.0) -> None:
+        r"""Re-express the shifts in the latent basis :math:`z' = zR` and restart the masks at ``active``.
+
+        The point shift :math:`\bar m_t \odot \bar e_t` becomes :math:`(\bar m_t \odot \bar e_t) R`: exactly for the
+        mean-field guide when ``active`` covers the rotated shift's nonzero entries. The correlated guide's output
+        layer is rotated, which is exact when every mask is on before and after; its input is the mask, so a change
+        of mask mode is absorbed into the perturbation's own row of the first layer, and embeddings under masks
+        that were off enter the rotated shift. Scales are mixed as :math:`\log \sigma' = (\log \sigma)(R \circ R)`, an approximation
+        of the rotated diagonal. Mask logits become ``mask_logit`` where ``active`` (T, K) is true and
+        ``-mask_logit`` elsewhere.
+        """
+        old_mode = (self.mask_logits > 0).to(rotation.dtype)
+        new_mode = active.to(rotation.dtype)
+        mixing = rotation * rotation  # columns sum to 1: a convex combination of the old log scales
+        if self.guide == "correlated":
+            network = self.embedding_encoder
+            network.mean.weight.copy_(rotation.T @ network.mean.weight)
+            network.mean.bias.copy_(network.mean.bias @ rotation)
+            network.log_var.weight.copy_(mixing.T @ network.log_var.weight)
+            network.log_var.bias.copy_(network.log_var.bias @ mixing)
+            self.perturbation_onehot.weight.add_((old_mode - new_mode) @ network.trunk.first.weight.T)
+        else:
+            self.embedding_loc.copy_((old_mode * self.embedding_loc) @ rotation)
+            self.embedding_log_scale.copy_(self.embedding_log_scale @ mixing)
+        self.mask_logits.copy_(torch.where(active, mask_logit, -mask_logit))
+
+    @torch.no_grad()
     def point(self) -> dict[str, torch.Tensor]:
         """Mask mode :math:`1[\\sigma(\\lambda) > 0.5]` and the mean of :math:`q(E \\mid \\text{mode})`."""
         mask = (self.mask_logits > 0).to(self.mask_logits.dtype)[None]

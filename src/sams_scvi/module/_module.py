@@ -11,6 +11,7 @@ from torch.distributions import Normal
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
+from ._alignment import active_entries, sparsest_rotation
 from ._components import (
     CovariateEmbedding,
     GaussianMLP,
@@ -160,6 +161,45 @@ class SAMSModule(BaseModuleClass):
     def point_globals(self) -> dict[str, torch.Tensor]:
         """Posterior point estimate (SAMS-VAE: mask mode :math:`1[\\sigma(\\lambda) > 0.5]`, mean of q(E | mode))."""
         return self.mechanism.point()
+
+    @torch.no_grad()
+    def rotate_latent(self, rotation: torch.Tensor, active: torch.Tensor) -> None:
+        r"""Re-express the latent space as :math:`z' = zR` for an orthogonal ``rotation`` (K, K).
+
+        The basal prior :math:`N(0, I)` is rotation invariant, and :math:`z` enters the decoder and the offset
+        enters the encoder through linear layers, whose weights absorb :math:`R`; the encoder's mean is rotated and
+        its log variances mixed by :math:`R \circ R` (the rotated covariance is no longer diagonal). The mechanism
+        rotates its shifts and restarts its masks at ``active`` (T, K); see ``SparseMechanism.rotate``.
+        """
+        if not hasattr(self.mechanism, "rotate"):
+            raise ValueError(f"The {self.mechanism_name!r} mechanism has no masks to align.")
+        rotation = rotation.to(self.decoder.first.weight)
+        mixing = rotation * rotation
+        self.decoder.first.weight.copy_(self.decoder.first.weight @ rotation)
+        encoder = self.basal_encoder
+        encoder.mean.weight.copy_(rotation.T @ encoder.mean.weight)
+        encoder.mean.bias.copy_(encoder.mean.bias @ rotation)
+        encoder.log_var.weight.copy_(mixing.T @ encoder.log_var.weight)
+        encoder.log_var.bias.copy_(encoder.log_var.bias @ mixing)
+        if self.offset_projection is not None:
+            self.offset_projection.weight.copy_(self.offset_projection.weight @ rotation)
+        self.mechanism.rotate(rotation, active.to(rotation.device))
+
+    @torch.no_grad()
+    def align_mechanism(self, threshold: float = 0.3) -> torch.Tensor:
+        """Rotate the latent space to the basis where the point shifts are sparsest; returns the rotation (K, K).
+
+        Masks restart on where the rotated shift is at least ``threshold`` times the largest entry of its
+        perturbation or among the largest entries that carry 90 % of its squared norm, and off elsewhere; a perturbation whose point shift is zero keeps its mask mode (see
+        :mod:`sams_scvi.module._alignment`).
+        """
+        shift = self.point_globals()["shift"][0]
+        rotation = torch.as_tensor(sparsest_rotation(shift)).to(shift)
+        active = active_entries(shift @ rotation, threshold)
+        unmoved = shift.abs().amax(dim=-1) == 0
+        active[unmoved] = self.mechanism.mask_logits[unmoved] > 0
+        self.rotate_latent(rotation, active)
+        return rotation
 
     @staticmethod
     def latent_offset(design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
