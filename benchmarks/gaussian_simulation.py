@@ -25,7 +25,12 @@ from _markdown import markdown_table
 import sams_scvi
 from sams_scvi import metrics
 
-RECIPES = ("reference", "fast")
+# name: (SAMSVAE arguments, plan_kwargs)
+RECIPES = {
+    "reference": ({"recipe": "reference"}, {}),
+    "fast, no alignment": ({"recipe": "fast"}, {"align_at": None}),
+    "fast": ({"recipe": "fast"}, {}),
+}
 
 
 def screen(seed: int, n_doubles: int):
@@ -53,10 +58,12 @@ def run(adata, recipe: str, seed: int, epochs: int) -> dict:
     held_out = np.flatnonzero(doubles)
     scvi.settings.seed = seed
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    model = sams_scvi.SAMSVAE(adata, n_latent=15, likelihood="normal", recipe=recipe)
+    model_kwargs, plan_kwargs = RECIPES[recipe]
+    model = sams_scvi.SAMSVAE(adata, n_latent=15, likelihood="normal", **model_kwargs)
     start = time.perf_counter()
     model.train(
         max_epochs=epochs,
+        plan_kwargs=plan_kwargs or None,
         datasplitter_kwargs={"external_indexing": [train, val, np.concatenate([test_singles, held_out])]},
         enable_progress_bar=False,
         check_val_every_n_epoch=epochs,
@@ -87,16 +94,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--n-doubles", type=int, default=30)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--output", default=str(Path(__file__).parents[1] / "docs" / "results_gaussian.md"))
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the output's .csv")
     args = parser.parse_args()
     scvi.settings.dl_num_workers = 0
-    rows = []
+    csv = Path(args.output).with_suffix(".csv")
+    table = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame(columns=["recipe", "seed"])
     for seed in args.seeds:
-        adata = screen(seed, args.n_doubles)
-        for recipe in RECIPES:
-            rows.append(run(adata.copy(), recipe, seed, args.epochs))
-            pd.DataFrame(rows).to_csv(Path(args.output).with_suffix(".csv"), index=False)
-    table = pd.DataFrame(rows)
+        todo = [r for r in args.recipes if not ((table["recipe"] == r) & (table["seed"] == seed)).any()]
+        adata = screen(seed, args.n_doubles) if todo else None
+        for recipe in todo:
+            table = pd.concat([table, pd.DataFrame([run(adata.copy(), recipe, seed, args.epochs)])], ignore_index=True)
+            table.to_csv(csv, index=False)  # after every run; every recipe's runs stay in the .csv
+    table = table[table["recipe"].isin(args.recipes) & table["seed"].isin(args.seeds)]
+    table = table.set_index("recipe").loc[[r for r in args.recipes if r in set(table["recipe"])]].reset_index()
+    table = table.infer_objects()  # rows appended to an empty frame keep its object dtype
     grouped = table.drop(columns=["seed"]).groupby("recipe", sort=False)
     mean, sd = grouped.mean(), grouped.std()
     text = mean.map(lambda v: f"{v:.3g}").astype(object) + " ± " + sd.map(lambda v: f"{v:.2g}").astype(object)

@@ -67,7 +67,7 @@ def test_rotating_the_latent_space_leaves_predictions_unchanged(guide):
 
 
 def test_alignment_runs_inside_training_and_holds_the_masks():
-    """align_at=0.5 of 2 epochs: aligned after epoch 1, masks held to the end (exactly +-3), then trainable again.
+    """align_at=0.5 of 2 epochs: aligned after epoch 1, masks held to the end (exactly +-8), then trainable again.
 
     The default (fast) recipe aligns; the reference recipe does not."""
     adata = sams_scvi.data.simulate_sams(n_perturbations=3, n_genes=20, n_latent=3, n_cells_per_perturbation=40)
@@ -76,13 +76,13 @@ def test_alignment_runs_inside_training_and_holds_the_masks():
     model = sams_scvi.SAMSVAE(adata, n_latent=3, n_hidden=16)
     model.train(max_epochs=2, **TRAIN_KW)
     logits = model.module.mechanism.mask_logits
-    assert set(logits.abs().flatten().tolist()) == {3.0}
+    assert set(logits.abs().flatten().tolist()) == {8.0}
     assert (logits > 0).any(axis=1).all()  # every perturbation keeps its largest direction
     assert logits.requires_grad
     reference = sams_scvi.SAMSVAE(adata, n_latent=3, n_hidden=16, recipe="reference")
     reference.train(max_epochs=2, **TRAIN_KW)
     assert reference.trainer.lightning_module.align_at is None
-    assert not torch.all(reference.module.mechanism.mask_logits.abs() == 3.0)
+    assert not torch.all(reference.module.mechanism.mask_logits.abs() == 8.0)
 
 
 def test_alignment_needs_masks():

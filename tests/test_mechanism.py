@@ -126,7 +126,7 @@ def test_recipe_arguments(tmp_path):
         sams_scvi.SAMSVAE(adata, recipe="slow")
     fast = sams_scvi.SAMSVAE(adata, n_latent=2)
     assert torch.all(fast.module.mask_logits == 3.0)
-    assert fast._recipe_plan_kwargs == {"global_lr_factor": 10.0, "align_at": 0.5, "mask_hold": None}
+    assert fast._recipe_plan_kwargs == {"global_lr_factor": 10.0, "align_at": 0.5, "align_mask_logit": 8.0, "mask_hold": None}
     reference = sams_scvi.SAMSVAE(adata, n_latent=2, recipe="reference")
     assert torch.all(reference.module.mask_logits == 0.0)
     explicit = sams_scvi.SAMSVAE(adata, n_latent=2, mask_init_logit=-1.0)  # an explicit argument wins

@@ -243,8 +243,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         accelerator, devices
             Lightning device selection (``"auto"`` uses a GPU when one is present).
         plan_kwargs
-            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``, whose default comes
-            from the model's ``recipe``) and :class:`scvi.train.TrainingPlan`.
+            Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``, ``align_at``,
+            ``mask_hold``, whose defaults come from the model's ``recipe``) and :class:`scvi.train.TrainingPlan`.
             Defaults here differ from scvi-tools' where the paper does: Adam ``eps=1e-8`` (scvi's 0.01 would
             swamp the small per-step gradients of the global variables), ``weight_decay=1e-6``, and **no KL
             warm-up** (``n_epochs_kl_warmup=None``).

@@ -53,9 +53,11 @@ class SAMSVAE(BasePerturbationModel):
     recipe
         Optimisation settings (the objective, the paper's ELBO, is the same): ``"fast"`` (default) starts the
         masks on (logit 3) and trains the per-perturbation variational parameters 10x faster, so that effects are
-        carried at full size by the mechanism within minutes; ``"reference"`` is the authors' (masks at 0.5, one
-        learning rate). Arguments given explicitly (``mask_init_logit``, ``plan_kwargs={"global_lr_factor": ...}``)
-        override the recipe. Measurements: ``docs/model.md``.
+        carried by the mechanism within minutes, and half way through it rotates the latent axes to where the
+        shifts are sparsest and sets the masks there (:meth:`~sams_scvi.module.SAMSModule.align_mechanism`);
+        ``"reference"`` is the authors' (masks at 0.5, one learning rate, no alignment). Arguments given
+        explicitly (``mask_init_logit``, ``plan_kwargs={"global_lr_factor": ..., "align_at": ...}``) override the
+        recipe. Measurements: ``docs/model.md``.
     **module_kwargs
         Further arguments of :class:`~sams_scvi.module.SAMSModule` (e.g. ``embedding_encoder_n_hidden``,
         ``mask_init_logit``, ``embedding_init_scale``).

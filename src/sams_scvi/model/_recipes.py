@@ -28,10 +28,11 @@ SAMS_RECIPES = {
     "fast": Recipe(
         "masks start on (logit 3, q = 0.95) and the per-perturbation variational parameters learn 10x faster, so "
         "effects are carried by the mechanism from the first epochs; half way through, the latent axes are "
-        "rotated to where the shifts are sparsest, and the masks are set there and held for the rest of training "
+        "rotated to where the shifts are sparsest, and the masks are set there (logits +-8) and held for the rest "
+        "of training "
         "(docs/model.md)",
         module={"mask_init_logit": 3.0},
-        plan={"global_lr_factor": 10.0, "align_at": 0.5, "mask_hold": None},
+        plan={"global_lr_factor": 10.0, "align_at": 0.5, "align_mask_logit": 8.0, "mask_hold": None},
     ),
     "reference": Recipe(
         "the authors' settings: mask logits start at 0 (q = 0.5), one learning rate for every parameter",

@@ -163,13 +163,14 @@ class SAMSModule(BaseModuleClass):
         return self.mechanism.point()
 
     @torch.no_grad()
-    def rotate_latent(self, rotation: torch.Tensor, active: torch.Tensor) -> None:
+    def rotate_latent(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = 3.0) -> None:
         r"""Re-express the latent space as :math:`z' = zR` for an orthogonal ``rotation`` (K, K).
 
         The basal prior :math:`N(0, I)` is rotation invariant, and :math:`z` enters the decoder and the offset
         enters the encoder through linear layers, whose weights absorb :math:`R`; the encoder's mean is rotated and
         its log variances mixed by :math:`R \circ R` (the rotated covariance is no longer diagonal). The mechanism
-        rotates its shifts and restarts its masks at ``active`` (T, K); see ``SparseMechanism.rotate``.
+        rotates its shifts and restarts its masks at ``active`` (T, K), with logits ``mask_logit`` and
+        ``-mask_logit``; see ``SparseMechanism.rotate``.
         """
         if not hasattr(self.mechanism, "rotate"):
             raise ValueError(f"The {self.mechanism_name!r} mechanism has no masks to align.")
@@ -183,14 +184,15 @@ class SAMSModule(BaseModuleClass):
         encoder.log_var.bias.copy_(encoder.log_var.bias @ mixing)
         if self.offset_projection is not None:
             self.offset_projection.weight.copy_(self.offset_projection.weight @ rotation)
-        self.mechanism.rotate(rotation, active.to(rotation.device))
+        self.mechanism.rotate(rotation, active.to(rotation.device), mask_logit)
 
     @torch.no_grad()
-    def align_mechanism(self, threshold: float = 0.3) -> torch.Tensor:
+    def align_mechanism(self, threshold: float = 0.3, mask_logit: float = 3.0) -> torch.Tensor:
         """Rotate the latent space to the basis where the point shifts are sparsest; returns the rotation (K, K).
 
-        Masks restart on where the rotated shift is at least ``threshold`` times the largest entry of its
-        perturbation or among the largest entries that carry 90 % of its squared norm, and off elsewhere; a perturbation whose point shift is zero keeps its mask mode (see
+        Masks restart on (logit ``mask_logit``) where the rotated shift is at least ``threshold`` times the largest
+        entry of its perturbation or among the largest entries that carry 90 % of its squared norm, and off
+        (``-mask_logit``) elsewhere; a perturbation whose point shift is zero keeps its mask mode (see
         :mod:`sams_scvi.module._alignment`).
         """
         shift = self.point_globals()["shift"][0]
@@ -198,7 +200,7 @@ class SAMSModule(BaseModuleClass):
         active = active_entries(shift @ rotation, threshold)
         unmoved = shift.abs().amax(dim=-1) == 0
         active[unmoved] = self.mechanism.mask_logits[unmoved] > 0
-        self.rotate_latent(rotation, active)
+        self.rotate_latent(rotation, active, mask_logit)
         return rotation
 
     @staticmethod
