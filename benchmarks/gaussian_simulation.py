@@ -28,8 +28,9 @@ from sams_scvi import metrics
 # name: (SAMSVAE arguments, plan_kwargs)
 RECIPES = {
     "reference": ({"recipe": "reference"}, {}),
-    "fast, no alignment": ({"recipe": "fast"}, {"align_at": None}),
-    "fast": ({"recipe": "fast"}, {}),
+    "fast, no alignment": ({"recipe": "fast", "penetrance": False}, {"align_at": None}),
+    "fast, no penetrance": ({"recipe": "fast", "penetrance": False}, {}),
+    "fast (default)": ({"recipe": "fast"}, {}),
 }
 
 

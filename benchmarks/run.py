@@ -156,6 +156,7 @@ def bench_shape(shape: Shape, device: torch.device, warmup: int, steps: int, see
         n_particles=shape.n_particles,
         embedding_encoder_n_hidden=shape.emb_hidden,
         embedding_encoder_n_layers=shape.emb_layers,
+        penetrance=False,  # the paper's model, as the reference implementation's; penetrance: benchmarks/NOTES.md
     )
     design = sparse.csr_matrix(adata.obsm["_scvi_perturbation"])
     counts = np.asarray((design != 0).sum(0)).ravel().astype(np.float32)

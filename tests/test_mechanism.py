@@ -12,13 +12,19 @@ from .conftest import TRAIN_KW
 
 @pytest.fixture(scope="module")
 def simulated_model():
-    """SAMS-VAE (mean-field guide: free embedding parameters to edit) trained on a screen with strong effects."""
+    """SAMS-VAE (mean-field guide: free embedding parameters to edit) trained on a screen with strong effects.
+
+    The paper's model (every cell responds, as in this simulation): the tests edit its mechanism and read the
+    estimators; penetrance has its own tests.
+    """
     scvi.settings.seed = 0
     adata = sams_scvi.data.simulate_sams(
         n_perturbations=4, n_genes=40, n_latent=4, effect_size=3.0, n_cells_per_perturbation=200, seed=0
     )
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=64, guide="mean_field", mask_init_logit=2.0)
+    model = sams_scvi.SAMSVAE(
+        adata, n_latent=4, n_hidden=64, guide="mean_field", mask_init_logit=2.0, penetrance=False
+    )
     model.train(max_epochs=60, plan_kwargs={"global_lr_factor": 10.0, "align_at": None}, **TRAIN_KW)
     return model, adata
 

@@ -22,6 +22,7 @@ def simulate_sams(
     dispersion: float = 10.0,
     n_hidden: int = 64,
     n_ate_samples: int = 20_000,
+    penetrance: float = 1.0,
     seed: int = 0,
 ) -> AnnData:
     r"""Simulate a perturbation screen from the SAMS generative model.
@@ -53,6 +54,10 @@ def simulate_sams(
         Width of the random decoder.
     n_ate_samples
         Monte-Carlo samples for the true ATEs.
+    penetrance
+        Probability that a cell responds to each of its perturbations (below 1: cells that escape it keep their
+        basal state for that perturbation); ``obs["responded"]`` records whether a cell responded to all of its
+        perturbations, and the true ATEs average over responders and escapers.
     seed
         Random seed.
 
@@ -86,16 +91,25 @@ def simulate_sams(
     labels, conditions, design = _screen(
         names, n_control_cells, n_cells_per_perturbation, combinations, n_cells_per_combination
     )
-    z = rng.normal(size=(len(labels), n_latent)) + design(labels) @ shift
+    if not 0.0 < penetrance <= 1.0:
+        raise ValueError(f"`penetrance` must be in (0, 1], not {penetrance}.")
+
+    def responding(d: np.ndarray) -> np.ndarray:  # each (cell, perturbation) acts with probability `penetrance`
+        return d * (rng.random(d.shape) < penetrance) if penetrance < 1.0 else d
+
+    cell_design = design(labels)
+    acting = responding(cell_design)
+    z = rng.normal(size=(len(labels), n_latent)) + acting @ shift
     library = rng.lognormal(np.log(library_size), 0.3, len(labels))
     counts = negative_binomial(library[:, None] * proportions(z))
 
     means = {}
     for c in conditions:
-        zc = rng.normal(size=(n_ate_samples, n_latent)) + design([c]) @ shift
+        condition = np.repeat(design([c]), n_ate_samples, axis=0)
+        zc = rng.normal(size=(n_ate_samples, n_latent)) + responding(condition) @ shift
         x = negative_binomial(1e4 * proportions(zc))
         means[c] = np.log2(1 + 1e4 * x / np.maximum(x.sum(1, keepdims=True), 1)).mean(0)
-    obs = {"perturbation": pd.Categorical(labels)}
+    obs = {"perturbation": pd.Categorical(labels), "responded": (acting == cell_design).all(1)}
     return _screen_anndata(sparse.csr_matrix(counts.astype(np.float32)), obs, names, mask, embedding, means)
 
 

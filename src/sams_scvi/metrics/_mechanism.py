@@ -53,6 +53,10 @@ def effect_decomposition(
     * ``ate``: :meth:`estimate_ate` with the paper's prior basal states at ``library_size``; a drop from
       ``ate_control`` is the estimator's (prior draws instead of the control cells' states).
 
+    For a model with ``penetrance=True`` every stage draws each cell's response :math:`u \sim \mathrm{Bern}(\pi_t)`
+    afresh (the basal state comes from the response pattern drawn from :math:`q(u \mid x)`), so ``fitted`` is
+    then the cells' basal states re-perturbed, not their own responses.
+
     Parameters
     ----------
     model

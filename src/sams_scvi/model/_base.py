@@ -382,8 +382,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         globals_ = self.module.point_globals()
         latents = []
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-            out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
-            z = self.module.basal_mean(out)[0]  # one particle: the globals are at their point estimate
+            out = self.module.infer_cells(tensors, globals_)
+            z = out["basal_mean"][0]  # one particle: the globals are at their point estimate
             if representation == "perturbed":
                 z = self.module.compose(z, out["offset"][0])
             latents.append(z.cpu().numpy())
@@ -409,6 +409,44 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         probs = torch.sigmoid(self.module.mask_logits).detach().cpu().numpy()
         return pd.DataFrame(
             probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1])
+        )
+
+    @torch.inference_mode()
+    def get_penetrance(self) -> pd.Series:
+        """Estimated probability :math:`\\pi_t` that a cell responds to perturbation ``t`` (``penetrance=True``)."""
+        if not self.module.models_penetrance:
+            raise ValueError(f"{self._display_name} was built without `penetrance=True`.")
+        values = torch.sigmoid(self.module.penetrance_logit).cpu().numpy()
+        return pd.Series(values, index=pd.Index(self.perturbations, name="perturbation"), name="penetrance")
+
+    @torch.inference_mode()
+    def get_response_probability(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Posterior probability :math:`q(u_{it} = 1 \\mid x_i)` that cell ``i`` responds to its perturbation ``t``.
+
+        For a model with ``penetrance=True``; globals at their point estimate. Returns cells x perturbations, NaN
+        where the cell does not carry the perturbation (a classification of responders and escapers, as
+        Mixscape's, from the model's own likelihood).
+        """
+        if not self.module.models_penetrance:
+            raise ValueError(f"{self._display_name} was built without `penetrance=True`.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        globals_ = self.module.point_globals()
+        blocks = []
+        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+            probability = self.module.infer_cells(tensors, globals_)["response_probability"][0]
+            carried = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(probability.device) != 0
+            blocks.append(torch.where(carried, probability, torch.nan).cpu().numpy())
+        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        return pd.DataFrame(
+            np.concatenate(blocks),
+            index=adata.obs_names[positions],
+            columns=pd.Index(self.perturbations, name="perturbation"),
         )
 
     @torch.inference_mode()
@@ -496,11 +534,11 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         blocks = []
         with _seeded(seed, self.device):
             globals_ = self.module.sample_globals(n_draws, with_kl=False)
-            shifts = self.module.latent_offset(target_design, globals_["shift"])  # (S, P, K)
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):
-                out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
-                z = self.module.compose(out["z_basal"][:, :, None, :], shifts[:, None, :, :])  # (S, n, P, K)
+                out = self.module.infer_cells(tensors, globals_)
+                shifts = self.module.sample_offset(target_design, globals_["shift"], n_cells=len(out["library"]))
+                z = self.module.compose(out["z_basal"][:, :, None, :], shifts)  # (S, n, P, K)
                 covariates = self.module.covariate_codes(tensors)
                 if covariates is not None:
                     covariates = covariates[:, None, :].expand(-1, len(perturbations), -1)
@@ -622,7 +660,7 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             control_posterior = self._control_basal_posterior() if basal == "control" else None
             for block in track(blocks, description="Estimating ATEs", disable=not progress_bar):
                 globals_ = self.module.sample_globals(block, with_kl=False)
-                offset = self.module.latent_offset(design, globals_["shift"])  # (block, P+1, K)
+                offset = self.module.sample_offset(design, globals_["shift"])  # (block, P+1, K)
                 if control_posterior is None:
                     z = self.module.compose(torch.randn_like(offset), offset)
                     covariates = self._sample_covariates((block, n_conditions))
@@ -796,7 +834,12 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             tensors, inference_kwargs={"global_samples": globals_}, compute_loss=False
         )
         log_likelihood, kl_basal = self.module.local_terms(tensors, inference_outputs, generative_outputs)
-        return log_likelihood - kl_basal
+        branches = inference_outputs.get("branches")
+        if branches is None:
+            return log_likelihood - kl_basal
+        # p(x) = sum_u pi(u) p(x | u), each p(x | u) importance-sampled by its own q(z_b | x, u)
+        n_cells = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].shape[0]
+        return self.module.combine_branches(log_likelihood - kl_basal, branches, n_cells)[0]
 
 
 def _accumulate_means(mean: torch.Tensor, sums: torch.Tensor, diff_sq: torch.Tensor) -> None:

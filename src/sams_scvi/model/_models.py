@@ -58,9 +58,16 @@ class SAMSVAE(BasePerturbationModel):
         ``"reference"`` is the authors' (masks at 0.5, one learning rate, no alignment). Arguments given
         explicitly (``mask_init_logit``, ``plan_kwargs={"global_lr_factor": ..., "align_at": ...}``) override the
         recipe. Measurements: ``docs/model.md``.
+    penetrance
+        If ``True``, each perturbed cell responds to each of its perturbations with a learned probability
+        :math:`\pi_t` and otherwise stays at its basal state (CRISPR cells that escape the knockdown), so that
+        the mechanism describes the cells that respond and the predicted population effect keeps its size on the
+        log scale; :meth:`get_penetrance` and :meth:`get_response_probability` report :math:`\pi_t` and each
+        cell's posterior. ``False``: the paper's model, where every cell responds. ``None`` (default): the
+        recipe's choice (``"fast"``: ``True``; ``"reference"``: ``False``). See ``docs/model.md``.
     **module_kwargs
         Further arguments of :class:`~sams_scvi.module.SAMSModule` (e.g. ``embedding_encoder_n_hidden``,
-        ``mask_init_logit``, ``embedding_init_scale``).
+        ``mask_init_logit``, ``embedding_init_scale``, ``penetrance_prior``).
 
     Examples
     --------
@@ -87,11 +94,14 @@ class SAMSVAE(BasePerturbationModel):
         n_particles: int = 5,
         likelihood: Literal["nb", "normal"] = "nb",
         recipe: Literal["fast", "reference"] = "fast",
+        penetrance: bool | None = None,
         **module_kwargs,
     ) -> None:
         super().__init__(adata, registry)
         chosen = resolve_recipe(recipe)
         self._recipe_plan_kwargs = dict(chosen.plan)
+        recipe_module = dict(chosen.module)
+        recipe_penetrance = recipe_module.pop("penetrance", False)
         self._build_module(
             n_latent,
             n_hidden,
@@ -99,11 +109,12 @@ class SAMSVAE(BasePerturbationModel):
             n_particles,
             likelihood=likelihood,
             mechanism="sparse",
+            penetrance=recipe_penetrance if penetrance is None else penetrance,
             mask_prior_prob=mask_prior_prob,
             embedding_prior_scale=embedding_prior_scale,
             guide=guide,
             mean_field_encoder=mean_field_encoder,
-            **{**chosen.module, **module_kwargs},
+            **{**recipe_module, **module_kwargs},
         )
         self.init_params_ = self._get_init_params(locals())
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 class Recipe:
     """Initialisation of the module's free variational parameters and the training plan's settings.
 
+    ``module["penetrance"]`` is the one modelling choice a recipe makes: whether perturbed cells may escape their
+    perturbation (:class:`~sams_scvi.module.SAMSModule`); the paper's model is ``"reference"``'s.
+
     Parameters
     ----------
     description
@@ -29,14 +32,15 @@ SAMS_RECIPES = {
         "masks start on (logit 3, q = 0.95) and the per-perturbation variational parameters learn 10x faster, so "
         "effects are carried by the mechanism from the first epochs; half way through, the latent axes are "
         "rotated to where the shifts are sparsest, and the masks are set there (logits +-8) and held for the rest "
-        "of training "
+        "of training; cells may escape their perturbation (penetrance) "
         "(docs/model.md)",
-        module={"mask_init_logit": 3.0},
+        module={"mask_init_logit": 3.0, "penetrance": True},
         plan={"global_lr_factor": 10.0, "align_at": 0.5, "align_mask_logit": 8.0, "mask_hold": None},
     ),
     "reference": Recipe(
-        "the authors' settings: mask logits start at 0 (q = 0.5), one learning rate for every parameter",
-        module={"mask_init_logit": 0.0},
+        "the authors' model and settings: every perturbed cell responds, mask logits start at 0 (q = 0.5), one "
+        "learning rate for every parameter",
+        module={"mask_init_logit": 0.0, "penetrance": False},
         plan={"global_lr_factor": 1.0, "align_at": None},
     ),
 }

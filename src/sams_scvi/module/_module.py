@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -24,6 +25,7 @@ from ._mechanisms import MechanismName, build_mechanism
 from ._sampling import sample_negative_binomial
 
 Likelihood = Literal["nb", "normal"]
+MAX_ENUMERATED_PERTURBATIONS = 4  # a cell with k perturbations has 2**k response patterns
 _MEAN_EPS = 1e-4  # the reference's Gamma-Poisson rate theta / (mu + 1e-4): the NB mean is mu + 1e-4
 
 
@@ -82,6 +84,18 @@ class SAMSModule(BaseModuleClass):
         normalised data (e.g. log-normalised or scaled expression, or the paper's Gaussian simulation),
         :math:`x_g \sim N(f_g(z), \sigma_g^2)` with a learned gene-wise :math:`\sigma_g`; the encoder then reads
         :math:`(x - m_g) / s_g` instead of :math:`(\log(1 + x) - m_g) / s_g`.
+    penetrance
+        If ``True``, a cell responds to each of its perturbations only with probability :math:`\pi_t` (CRISPR
+        cells that escape the edit or the knockdown): :math:`u_{it} \sim \mathrm{Bern}(\pi_t)` and
+        :math:`z_i = z^b_i + \sum_t d_{it} u_{it} (m_t \odot e_t)`. :math:`u_i` is summed out exactly
+        (:meth:`response_branches`; the ELBO becomes :math:`\log \sum_u p(u) \exp \mathrm{ELBO}_u`), and
+        :math:`\pi_t` is a point estimate. ``False``: the paper's model, in which every cell responds.
+    penetrance_init
+        Initial :math:`\pi_t`.
+    penetrance_prior
+        ``a`` of the prior :math:`\pi_t \sim \mathrm{Beta}(a, 1)` (mean ``a / (a + 1)``): a perturbation acts
+        on nearly every cell unless its cells show otherwise. With ``a = 1`` (flat) the responses become a free
+        binary feature: weak perturbations drift to :math:`\pi \approx 0.5` (``docs/model.md``).
     **mechanism_kwargs
         Arguments of the mechanism's class (priors, guide, initialisation), e.g. ``mask_prior_prob``, ``guide`` or
         ``embedding_init_scale`` for :class:`~sams_scvi.module._mechanisms.SparseMechanism`; an argument the
@@ -100,6 +114,9 @@ class SAMSModule(BaseModuleClass):
         n_particles: int = 5,
         mechanism: MechanismName = "sparse",
         likelihood: Likelihood = "nb",
+        penetrance: bool = False,
+        penetrance_init: float = 0.9,
+        penetrance_prior: float = 50.0,
         **mechanism_kwargs,
     ) -> None:
         super().__init__()
@@ -136,11 +153,104 @@ class SAMSModule(BaseModuleClass):
         self.decoder_head = nn.Linear(n_hidden, n_input)
         # NB: gene-wise inverse dispersion theta = exp(phi); normal: gene-wise noise scale sigma = exp(phi)
         self.log_dispersion = nn.Parameter(torch.zeros(n_input))
+        # Partial penetrance: cell i responds to its perturbation t (u_it = 1) with probability pi_t.
+        if penetrance and not self.mechanism.has_shift:
+            raise ValueError(f"`penetrance` needs a latent shift; the {mechanism!r} mechanism has none.")
+        if not 0.0 < penetrance_init < 1.0:
+            raise ValueError(f"`penetrance_init` must be a probability in (0, 1), not {penetrance_init}.")
+        self.penetrance_prior = penetrance_prior
+        self.penetrance_logit = (
+            nn.Parameter(torch.full((n_perturbations,), math.log(penetrance_init / (1.0 - penetrance_init))))
+            if penetrance
+            else None
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.penetrance_logit is not None and prefix + "penetrance_logit" not in state_dict:
+            # saved before `penetrance` existed: the paper's model, in which every perturbed cell responds
+            self.penetrance_logit = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ global variables
     def global_variational_parameters(self) -> list[nn.Parameter]:
         """The mechanism's free per-perturbation variational parameters (e.g. mask logits, embedding locations)."""
-        return self.mechanism.variational_parameters()
+        extra = [] if self.penetrance_logit is None else [self.penetrance_logit]
+        return self.mechanism.variational_parameters() + extra
+
+    @property
+    def models_penetrance(self) -> bool:
+        """Whether cells respond to their perturbations only with probability :math:`\\pi_t`."""
+        return self.penetrance_logit is not None
+
+    def response_branches(self, design: torch.Tensor) -> dict[str, torch.Tensor]:
+        r"""Every response pattern :math:`u_i \in \{0, 1\}^{k_i}` of each cell's :math:`k_i` perturbations.
+
+        Returns ``design`` (R, T), the cell's design with the non-responding perturbations removed, ``cells`` (R,)
+        and ``branch`` (R,) (branch 0: every perturbation acts, so a control cell has one row), and
+        ``log_prior`` (R,) :math:`\sum_t \log \pi_t^{u_t} (1 - \pi_t)^{1 - u_t}`.
+        """
+        present = design != 0
+        n_present = present.sum(-1)
+        most = int(n_present.max()) if design.shape[0] else 0
+        if most > MAX_ENUMERATED_PERTURBATIONS:
+            raise ValueError(
+                f"`penetrance=True` enumerates the 2**k response patterns of a cell with k perturbations; a cell has "
+                f"{most} > {MAX_ENUMERATED_PERTURBATIONS}. Train without penetrance for such designs."
+            )
+        rank = (present.cumsum(-1) - 1).clamp(min=0)
+        log_on = torch.nn.functional.logsigmoid(self.penetrance_logit)
+        log_off = torch.nn.functional.logsigmoid(-self.penetrance_logit)
+        parts = {"design": [], "cells": [], "branch": [], "log_prior": []}
+        for branch in range(2**most):
+            cells = (n_present > (branch.bit_length() - 1)).nonzero(as_tuple=True)[0]
+            off = present[cells] & ((branch >> rank[cells]) & 1).bool()
+            on = present[cells] & ~off
+            parts["design"].append(design[cells] * on)
+            parts["cells"].append(cells)
+            parts["branch"].append(torch.full_like(cells, branch))
+            parts["log_prior"].append((on * log_on + off * log_off).sum(-1))
+        return {key: torch.cat(value) for key, value in parts.items()}
+
+    @staticmethod
+    def branch_table(values: torch.Tensor, branches: dict[str, torch.Tensor], n_cells: int) -> torch.Tensor:
+        """Rows (S, R) -> (S, n, B): ``values + log_prior`` per cell and response pattern, ``-inf`` where none."""
+        n_branches = int(branches["branch"].max()) + 1
+        table = values.new_full((values.shape[0], n_cells, n_branches), -torch.inf)
+        table[:, branches["cells"], branches["branch"]] = values + branches["log_prior"]
+        return table
+
+    @classmethod
+    def combine_branches(
+        cls, values: torch.Tensor, branches: dict[str, torch.Tensor], n_cells: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per cell :math:`\\log \\sum_u \\pi(u) \\exp(v_u)` (S, n), and per row :math:`q(u \\mid x)` (S, R).
+
+        With :math:`v_u` a response pattern's ELBO, the first is the bound with :math:`q(u \\mid x)` at its
+        optimum, :math:`\\propto \\pi(u) \\exp(v_u)`, the second.
+        """
+        combined = torch.logsumexp(cls.branch_table(values, branches, n_cells), dim=-1)
+        posterior = torch.exp(values + branches["log_prior"] - combined[:, branches["cells"]])
+        return combined, posterior
+
+    def sample_offset(self, design: torch.Tensor, shift: torch.Tensor, n_cells: int | None = None) -> torch.Tensor:
+        r"""Offsets :math:`\sum_t d_t u_t \mathrm{shift}_t` with responses :math:`u_t \sim \mathrm{Bern}(\pi_t)`.
+
+        ``design`` (P, T), ``shift`` (S, T, K) -> (S, P, K), or (S, n_cells, P, K) with independent responses per
+        cell; without penetrance every :math:`u_t = 1` (:meth:`latent_offset`).
+        """
+        if not self.models_penetrance:
+            offset = self.latent_offset(design, shift)
+            return offset if n_cells is None else offset[:, None].expand(-1, n_cells, -1, -1)
+        rows, columns = design.nonzero(as_tuple=True)
+        cells = () if n_cells is None else (n_cells,)
+        probability = torch.sigmoid(self.penetrance_logit)[columns]
+        responses = torch.bernoulli(probability.expand(shift.shape[0], *cells, len(columns)))
+        weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
+        if n_cells is not None:
+            weighted = weighted[:, None]
+        weighted = weighted * responses[..., None]
+        offset = shift.new_zeros(shift.shape[0], *cells, design.shape[0], shift.shape[-1])
+        return offset.index_add(-2, rows, weighted)
 
     @property
     def mask_logits(self) -> torch.Tensor:
@@ -203,6 +313,65 @@ class SAMSModule(BaseModuleClass):
         self.rotate_latent(rotation, active, mask_logit)
         return rotation
 
+    @torch.no_grad()
+    def infer_cells(self, tensors: dict[str, torch.Tensor], global_samples: dict[str, torch.Tensor]) -> dict:
+        r"""Posterior basal states of the cells in ``tensors``, with their responses inferred under penetrance.
+
+        Returns ``z_basal`` (S, n, K), one draw per particle (under penetrance, from the response pattern drawn
+        from :math:`q(u \mid x)`, itself computed from each pattern's ELBO at the encoder's mean), ``basal_mean`` (S, n, K), the posterior mean (averaged over response patterns),
+        ``offset`` (S, n, K), the mean offset :math:`\sum_u q(u \mid x)\, D_u (M \odot E)`, ``library`` (n,), and
+        ``response_probability`` (S, n, T), :math:`q(u_{it} = 1 \mid x_i)` (``None`` without penetrance).
+        """
+        if not self.models_penetrance:
+            out = self.inference(**self._get_inference_input(tensors), global_samples=global_samples)
+            basal_mean = self.basal_mean(out)
+            n_particles = out["z_basal"].shape[0]
+            return {
+                "z_basal": out["z_basal"],
+                "basal_mean": basal_mean.expand(n_particles, -1, -1),
+                "offset": out["offset"],
+                "library": out["library"],
+                "response_probability": None,
+            }
+        out = self.inference(**self._get_inference_input(tensors), global_samples=global_samples)
+        branches = out["branches"]
+        # q(u | x) from each pattern's ELBO at the encoder's mean, log p(x | z_mean) - KL(q(z_b) || p(z_b)):
+        # deterministic given the globals, so that get_latent and the response probabilities are reproducible
+        qz = out["qz"]
+        loc = qz.loc if qz.loc.dim() == 3 else qz.loc[None]
+        _, z_mean = self.split_encoded(loc, out["offset"])
+        prior_mean = torch.zeros_like(loc) if self.mechanism.encodes_basal else out["offset"]
+        kl_basal = torch.distributions.kl_divergence(Normal(loc, qz.scale), Normal(prior_mean, 1.0)).sum(-1)
+        at_mean = {**out, "z": z_mean}
+        generative_outputs = self.generative(**self._get_generative_input(tensors, at_mean))
+        log_likelihood, _ = self.local_terms(tensors, out, generative_outputs)
+        n_cells = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].shape[0]
+        elbo = log_likelihood - kl_basal  # (S, R)
+        _, posterior = self.combine_branches(elbo, branches, n_cells)
+
+        def cell_mean(values: torch.Tensor) -> torch.Tensor:  # (S or 1, R, ...) -> (S, n, ...), weighted by q(u | x)
+            values = values.expand(posterior.shape[0], *values.shape[1:])
+            weighted = posterior.reshape(*posterior.shape, *[1] * (values.dim() - 2)) * values
+            return values.new_zeros(values.shape[0], n_cells, *values.shape[2:]).index_add(
+                1, branches["cells"], weighted
+            )
+
+        table = self.branch_table(elbo, branches, n_cells)
+        drawn = torch.distributions.Categorical(logits=table).sample()  # (S, n): one response pattern per particle
+        row_of = torch.zeros(n_cells, table.shape[-1], dtype=torch.long, device=elbo.device)
+        row_of[branches["cells"], branches["branch"]] = torch.arange(len(branches["cells"]), device=elbo.device)
+        rows = row_of.gather(1, drawn.T).T  # (S, n)
+        z_basal = out["z_basal"].gather(1, rows[..., None].expand(-1, -1, out["z_basal"].shape[-1]))
+        return {
+            "z_basal": z_basal,
+            "basal_mean": cell_mean(self.basal_mean(out)),
+            "offset": cell_mean(out["offset"]),
+            "library": tensors[SAMS_REGISTRY_KEYS.X_KEY].sum(-1).to(z_basal.device),
+            "response_probability": cell_mean(
+                (branches["design"] != 0).to(elbo.dtype)[None].expand(elbo.shape[0], -1, -1)
+            ),
+        }
+
     @staticmethod
     def latent_offset(design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """:math:`D (M \\odot E)`: design (n, T), shifts (S, T, K) -> offset (S, n, K).
@@ -241,11 +410,17 @@ class SAMSModule(BaseModuleClass):
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor], **kwargs
     ) -> dict[str, torch.Tensor | None]:
+        covariates = self.covariate_codes(tensors)
+        design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY]
+        branches = inference_outputs.get("branches")
+        if branches is not None:  # one row per response pattern
+            covariates = None if covariates is None else covariates[branches["cells"].to(covariates.device)]
+            design = branches["design"]
         return {
             "z": inference_outputs["z"],
             "library": inference_outputs["library"],
-            "covariates": self.covariate_codes(tensors),
-            "design": tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY],
+            "covariates": covariates,
+            "design": design,
         }
 
     @staticmethod
@@ -274,10 +449,15 @@ class SAMSModule(BaseModuleClass):
 
         Returns ``z_basal`` and ``z`` of shape (S, n, K), the encoder's posterior ``qz`` and its sample
         ``z_encoded`` (``z_basal``, or ``z`` for SVAE+), the ``offset``, the observed ``library`` (n,) and the
-        ``globals`` dictionary.
+        ``globals`` dictionary. With penetrance the rows are every response pattern of every cell
+        (:meth:`response_branches`, whose outputs are added as ``branches``).
         """
         if global_samples is None:
             global_samples = self.sample_globals(n_samples or self.n_particles)
+        branches = None
+        if self.models_penetrance:
+            branches = self.response_branches(design)
+            x, design = x[branches["cells"]], branches["design"]
         n_particles = global_samples["shift"].shape[0]
         offset = self.latent_offset(design, global_samples["shift"])
         shift = None
@@ -296,6 +476,7 @@ class SAMSModule(BaseModuleClass):
             "offset": offset,
             "library": x.sum(-1),
             "globals": global_samples,
+            **({} if branches is None else {"branches": branches}),
         }
 
     @auto_move_data
@@ -339,13 +520,17 @@ class SAMSModule(BaseModuleClass):
     def local_terms(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict, generative_outputs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`."""
+        """Per particle and cell (S, n): :math:`\\log p(x \\mid z)` and :math:`\\log q(z_b \\mid \\cdot) - \\log p(z_b)`.
+
+        Under penetrance, per particle and response pattern (S, R) (see :meth:`inference`).
+        """
         log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
         kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
+        x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(kl_basal.device)
+        if "branches" in inference_outputs:  # rows are response patterns of the cells
+            x = x[inference_outputs["branches"]["cells"]]
         if self.likelihood == "normal":
-            x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mean"].device)
             return gaussian_log_likelihood(x, generative_outputs["mean"], generative_outputs["scale"]), kl_basal
-        x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(generative_outputs["mu"].device)
         mu, theta = generative_outputs["mu"], generative_outputs["theta"]
         nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
         count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
@@ -363,8 +548,25 @@ class SAMSModule(BaseModuleClass):
         """Negative plated ELBO per cell, averaged over particles and cells (spec §3.1)."""
         design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY]
         log_likelihood, kl_basal = self.local_terms(tensors, inference_outputs, generative_outputs)
-        kl_global = self.global_kl_share(design, inference_outputs["globals"]["kl"], perturbation_counts)
-        loss = (-log_likelihood + kl_weight * (kl_basal + kl_global)).mean()
+        local_elbo = log_likelihood - kl_weight * kl_basal
+        branches = inference_outputs.get("branches")
+        if branches is not None:
+            # log sum_u pi(u) exp(ELBO_u). Reported split: the expected log-likelihood under the optimal
+            # q(u | x), and the rest (basal and response KL).
+            local_elbo, posterior = self.combine_branches(local_elbo, branches, design.shape[0])
+            log_likelihood = local_elbo.new_zeros(local_elbo.shape).index_add(
+                1, branches["cells"], posterior * log_likelihood
+            )
+            kl_basal = (log_likelihood - local_elbo) / kl_weight if kl_weight > 0 else torch.zeros_like(local_elbo)
+        global_terms = inference_outputs["globals"]["kl"]
+        if self.models_penetrance and self.penetrance_prior != 1.0:
+            # -log Beta(pi_t | a, 1) up to a constant, charged once per perturbation like its KL (a MAP penalty on
+            # the point estimate pi_t: get_elbo and get_marginal_ll leave it out)
+            global_terms = global_terms - (self.penetrance_prior - 1.0) * torch.nn.functional.logsigmoid(
+                self.penetrance_logit
+            )
+        kl_global = self.global_kl_share(design, global_terms, perturbation_counts)
+        loss = (-local_elbo + kl_weight * kl_global).mean()
         return LossOutput(
             loss=loss,
             reconstruction_loss=-log_likelihood.mean(0),
