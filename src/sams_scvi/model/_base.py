@@ -476,7 +476,9 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         """Counterfactual expression of source cells under chosen perturbations.
 
         Each source cell's basal state is inferred from its counts (and its own perturbation), then every
-        requested perturbation's shift :math:`d (M \\odot E)` is applied and decoded. Combinations never
+        requested perturbation's shift :math:`d (M \\odot E)` is applied and decoded. With ``penetrance``, the
+        source cell's own response is inferred too, and each requested perturbation acts with probability
+        :math:`\\pi_t` per draw. Combinations never
         observed in training are allowed as long as their atomic perturbations were seen.
 
         Parameters
@@ -588,7 +590,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         r"""Average treatment effects of perturbations against the control, on the paper's scale.
 
         For each posterior sample of the globals, a basal state is drawn, shifted by each condition's
-        :math:`d\,(M \odot E)`, decoded, and counts are drawn at a fixed library size; each sample is put on the
+        :math:`d\,(M \odot E)` (with ``penetrance``, each perturbation acting with probability :math:`\pi_t`),
+        decoded, and counts are drawn at a fixed library size; each sample is put on the
         scale :math:`y = \log_2(1 + 10^4 x / \sum_g x_g)`, and
         :math:`\mathrm{ATE}_t = \bar y_t - \bar y_{\mathrm{control}}`. The basal state comes from
 

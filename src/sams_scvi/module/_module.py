@@ -241,16 +241,11 @@ class SAMSModule(BaseModuleClass):
         if not self.models_penetrance:
             offset = self.latent_offset(design, shift)
             return offset if n_cells is None else offset[:, None].expand(-1, n_cells, -1, -1)
-        rows, columns = design.nonzero(as_tuple=True)
+        columns = design.nonzero(as_tuple=True)[1]
         cells = () if n_cells is None else (n_cells,)
         probability = torch.sigmoid(self.penetrance_logit)[columns]
         responses = torch.bernoulli(probability.expand(shift.shape[0], *cells, len(columns)))
-        weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
-        if n_cells is not None:
-            weighted = weighted[:, None]
-        weighted = weighted * responses[..., None]
-        offset = shift.new_zeros(shift.shape[0], *cells, design.shape[0], shift.shape[-1])
-        return offset.index_add(-2, rows, weighted)
+        return self.latent_offset(design, shift, responses)
 
     @property
     def mask_logits(self) -> torch.Tensor:
@@ -373,18 +368,24 @@ class SAMSModule(BaseModuleClass):
         }
 
     @staticmethod
-    def latent_offset(design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def latent_offset(design: torch.Tensor, shift: torch.Tensor, responses: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`D (M \\odot E)`: design (n, T), shifts (S, T, K) -> offset (S, n, K).
 
         The design is sparse (one-hot or a few perturbations per cell), so the product visits only its nonzero
-        entries: offset[:, i] = sum over nonzero d_it of d_it * shift[:, t].
+        entries: offset[:, i] = sum over nonzero d_it of d_it * shift[:, t]. ``responses`` (S, *cells, nnz), one
+        factor per nonzero entry (in ``design.nonzero()`` order), gives (S, *cells, n, K) instead.
         """
         if design.dim() != 2 or shift.dim() != 3:
             raise ValueError(f"Expected a (n, T) design and (S, T, K) shifts; got {design.shape} and {shift.shape}.")
         rows, columns = design.nonzero(as_tuple=True)
         weighted = shift[:, columns] * design[rows, columns][:, None]  # (S, nnz, K)
-        offset = shift.new_zeros(shift.shape[0], design.shape[0], shift.shape[-1])
-        return offset.index_add(1, rows, weighted)
+        cells = ()
+        if responses is not None:
+            cells = tuple(responses.shape[1:-1])
+            weighted = weighted.reshape(weighted.shape[0], *[1] * len(cells), *weighted.shape[1:])
+            weighted = weighted * responses[..., None]
+        offset = shift.new_zeros(shift.shape[0], *cells, design.shape[0], shift.shape[-1])
+        return offset.index_add(-2, rows, weighted)
 
     @staticmethod
     def compose(z_basal: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -527,14 +528,17 @@ class SAMSModule(BaseModuleClass):
         log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
         kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(kl_basal.device)
-        if "branches" in inference_outputs:  # rows are response patterns of the cells
-            x = x[inference_outputs["branches"]["cells"]]
+        cells = inference_outputs["branches"]["cells"] if "branches" in inference_outputs else None
         if self.likelihood == "normal":
+            x = x if cells is None else x[cells]  # rows are response patterns of the cells
             return gaussian_log_likelihood(x, generative_outputs["mean"], generative_outputs["scale"]), kl_basal
         mu, theta = generative_outputs["mu"], generative_outputs["theta"]
         nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
         count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
-        mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle
+        if cells is not None:  # rows are response patterns of the cells
+            x, count_only = x[cells], count_only[cells]
+            nonzero = x.nonzero(as_tuple=True)
+        mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle (and response pattern)
         return count_only + mean_part, kl_basal
 
     def loss(
@@ -545,7 +549,11 @@ class SAMSModule(BaseModuleClass):
         kl_weight: float = 1.0,
         perturbation_counts: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Negative plated ELBO per cell, averaged over particles and cells (spec §3.1)."""
+        """Negative plated ELBO per cell, averaged over particles and cells (spec §3.1).
+
+        Under penetrance the local term is :math:`\\log \\sum_u \\pi(u) \\exp \\mathrm{ELBO}_u` and the global share
+        also carries :math:`-\\log \\mathrm{Beta}(\\pi_t \\mid a, 1)` (a MAP penalty on the point estimates).
+        """
         design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY]
         log_likelihood, kl_basal = self.local_terms(tensors, inference_outputs, generative_outputs)
         local_elbo = log_likelihood - kl_weight * kl_basal
