@@ -221,9 +221,11 @@ def _screen_anndata(x, obs: dict, names: list[str], mask, embedding, means: dict
         obs=pd.DataFrame(obs, index=[f"cell{i}" for i in range(x.shape[0])]),
         var=pd.DataFrame(index=ate.columns.copy()),
     )
+    latents = [f"latent_{k}" for k in range(mask.shape[1])]
     adata.uns["simulation"] = {
-        "mask": pd.DataFrame(mask.astype(int), index=names),
-        "embedding": pd.DataFrame(embedding, index=names),
+        # string column names: the AnnData must stay writable to h5ad
+        "mask": pd.DataFrame(mask.astype(int), index=names, columns=latents),
+        "embedding": pd.DataFrame(embedding, index=names, columns=latents),
         "ate": ate,
     }
     return adata
