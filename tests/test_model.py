@@ -186,7 +186,7 @@ def test_batch_covariates_and_mudata(tapseq):
 
 
 def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
-    """Blocks of globals split into chunks (the last ones partial): every sample decoded once, inputs aligned."""
+    """Draws of the globals split into chunks and halves: every sample decoded and accumulated once, aligned."""
     adata = tapseq[:600].copy()
     adata.obs["replicate"] = np.where(np.arange(adata.n_obs) % 2, "r1", "r2")
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", batch_key="replicate")
@@ -194,7 +194,7 @@ def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
     model.module.eval()
     model.is_trained_ = True
     decoded, accumulated = [], []
-    generative, accumulate = model.module.generative, sams_scvi.model._base.accumulate_log_normalized
+    generative, accumulate = model.module.generative, sams_scvi.model._prediction.accumulate_log_normalized
 
     def recording_generative(z, library, covariates=None, design=None):
         decoded.append((z.shape[:2], library.shape, covariates.shape[:2]))
@@ -205,11 +205,13 @@ def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
         return accumulate(mu, *args)
 
     monkeypatch.setattr(model.module, "generative", recording_generative)
-    monkeypatch.setattr(sams_scvi.model._base, "accumulate_log_normalized", recording_accumulate)
-    ate = model.estimate_ate(["CPQ", "STK3"], n_samples=23, batch_size=3, progress_bar=False)
-    # chunks of 3 in blocks of 6 globals: 6 + 6 + 6 + 5 samples -> chunks 3, 3 | 3, 3 | 3, 3 | 3, 2
-    assert accumulated == [3, 3, 3, 3, 3, 3, 3, 2]
-    assert [shapes[0] for shapes in decoded] == [(n, 3) for n in accumulated]  # control + 2 labels
+    monkeypatch.setattr(sams_scvi.model._prediction, "accumulate_log_normalized", recording_accumulate)
+    ate = model.estimate_ate(["CPQ", "STK3"], n_samples=24, n_posterior_draws=4, batch_size=4, progress_bar=False)
+    # 4 draws of 6 samples (halves of 3), one draw per block, chunks of at most 4: decoded 4 + 2 per draw; the
+    # first chunk holds the first half (3) and one sample of the second, the second chunk the rest of it (2)
+    assert [shapes[0] for shapes in decoded] == [(4, 3), (2, 3)] * 4  # control + 2 labels
+    assert accumulated == [3, 1, 2] * 4
+    assert ate.uns["n_samples"] == 24 and ate.uns["n_posterior_draws"] == 4
     assert all(z == library == covariates for z, library, covariates in decoded)
     assert np.all(np.isfinite(ate.X))
 
@@ -246,3 +248,21 @@ def test_evaluate_model_and_baselines_on_a_combination_split(tapseq):
         sams_scvi.evaluate("additive", adata, [split[0], split[1], []], progress_bar=False)
     with pytest.raises(ValueError, match="needs `split`"):
         sams_scvi.evaluate("additive", adata)
+
+
+def test_default_training_length(tapseq, monkeypatch):
+    """train() without max_epochs runs 120 epochs (the benchmarks' length), fewer for very large data."""
+    from scvi.model.base import UnsupervisedTrainingMixin
+
+    from sams_scvi.model._base import default_max_epochs
+
+    assert default_max_epochs(11_000) == 120 and default_max_epochs(200_000) == 40 and default_max_epochs(10**8) == 1
+    adata = tapseq[:300].copy()
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=2, n_hidden=8)
+    seen = {}
+    monkeypatch.setattr(UnsupervisedTrainingMixin, "train", lambda self, max_epochs=None, **kw: seen.update(e=max_epochs))
+    model.train()
+    assert seen["e"] == 120
+    model.train(max_epochs=7)
+    assert seen["e"] == 7

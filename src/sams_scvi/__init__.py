@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import data, metrics, pl
+from . import data, metrics, pl, tl
 from ._compare import compare_models, paper_models
 from .metrics import evaluate
 from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
@@ -22,4 +22,5 @@ __all__ = [
     "metrics",
     "paper_models",
     "pl",
+    "tl",
 ]

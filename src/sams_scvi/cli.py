@@ -1,4 +1,4 @@
-"""Command line: ``sams-scvi demo | train | predict | evaluate``."""
+"""Command line: ``sams-scvi demo | train | predict | evaluate | screen``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"Wrote {args.output}")
 
 
+def _screen(args: argparse.Namespace) -> None:
+    from .model import SAMSVAE
+
+    model = SAMSVAE.load(args.model)
+    screen = model.screen_combinations(
+        args.pairs or None,
+        rank_by=args.rank_by,
+        n_samples=args.n_samples,
+        credible_level=args.credible_level,
+        progress_bar=not args.quiet,
+    )
+    table = screen.obs if args.top is None else screen.obs.iloc[: args.top]
+    table.to_csv(args.output)
+    print(table.head(10).round(3).to_string())
+    print(f"Wrote {len(table)} pairs, ranked by {args.rank_by}, to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sams-scvi`` argument parser."""
     parser = argparse.ArgumentParser(prog="sams-scvi", description="SAMS-VAE for single-cell perturbation screens.")
@@ -130,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, default=Path("metrics.csv"))
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_evaluate)
+
+    screen = sub.add_parser(
+        "screen",
+        help="rank untested pairs of perturbations by their predicted non-additivity",
+        description="Predict pairs of perturbations (default: every pair seen in training but never together) and "
+        "rank them. Example: sams-scvi screen model/ --output pairs.csv --top 20",
+    )
+    screen.add_argument("model", type=Path, help="folder written by 'sams-scvi train'")
+    screen.add_argument("--pairs", nargs="*", default=None, help="pairs to screen, e.g. A+B C+D (default: untested)")
+    screen.add_argument("--rank-by", default="non_additivity_norm", help="column to rank by, largest first")
+    screen.add_argument("--n-samples", default=1000, type=int, help="Monte-Carlo samples")
+    screen.add_argument("--credible-level", default=0.9, type=float)
+    screen.add_argument("--top", default=None, type=int, help="keep only the best-ranked pairs")
+    screen.add_argument("--output", type=Path, default=Path("screen.csv"))
+    screen.add_argument("--quiet", action="store_true")
+    screen.set_defaults(func=_screen)
     return parser
 
 

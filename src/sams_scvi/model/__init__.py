@@ -1,7 +1,15 @@
 """User-facing models of :mod:`sams_scvi`: SAMS-VAE and the paper's comparison models."""
 
-from ._base import BasePerturbationModel
+from ._base import BasePerturbationModel, default_max_epochs
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
 from ._training_plan import SAMSTrainingPlan
 
-__all__ = ["BasePerturbationModel", "CPAVAE", "ConditionalVAE", "SAMSTrainingPlan", "SAMSVAE", "SVAEPlus"]
+__all__ = [
+    "BasePerturbationModel",
+    "CPAVAE",
+    "ConditionalVAE",
+    "SAMSTrainingPlan",
+    "SAMSVAE",
+    "SVAEPlus",
+    "default_max_epochs",
+]

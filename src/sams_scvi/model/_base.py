@@ -21,27 +21,31 @@ from scvi.data.fields import (
     MuDataLayerField,
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
-from scvi.utils import setup_anndata_dsp, track
+from scvi.utils import setup_anndata_dsp
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi.data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
 from sams_scvi.module import SAMSModule
-from sams_scvi.module._sampling import accumulate_log_normalized
 
 from ._data_splitter import SAMSDataSplitter
+from ._mechanism import MechanismMixin
+from ._prediction import PredictionMixin
 from ._training_plan import SAMSTrainingPlan
+from ._utils import _check_counts, _check_finite, _check_gene_names, _seeded
 
-_ATE_TARGET_SUM = 1e4
-# values decoded per ATE chunk: on CPU small enough to stay in cache and reuse allocations (decoding 2,500
-# samples at the Replogle shape takes 2.1 s per 78 samples in chunks of 2**26 values, 0.8 s in chunks of 2**21);
-# on a GPU large enough to fill it
-_ATE_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
-# samples whose globals estimate_ate draws at once (Replogle shape: 2.3 ms per sample one chunk of 2 samples at a
-# time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
-_ATE_BLOCK_SAMPLES = 8
+# Default length of training. Every benchmark in docs/ trains for at most 120 epochs (TAP-seq: 2,040 steps); longer
+# runs prune the masks of weak perturbations (TAP-seq, 400 epochs: 5 of 14 targets without a mechanism and a lower
+# held-out ATE r, docs/model.md). Above 66,667 cells, scvi-tools' budget of 8 million cell passes gives fewer.
+_MAX_EPOCHS = 120
+_CELL_PASSES = 8_000_000
 
 
-class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+def default_max_epochs(n_cells: int) -> int:
+    """Epochs that ``train(max_epochs=None)`` runs: 120, or 8 million cell passes when that is fewer."""
+    return int(max(1, min(_MAX_EPOCHS, round(_CELL_PASSES / max(n_cells, 1)))))
+
+
+class BasePerturbationModel(MechanismMixin, PredictionMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """What SAMS-VAE and its comparison models share: registration, training recipe, predictions, metrics.
 
     Subclasses build a :class:`~sams_scvi.module.SAMSModule` with their ``mechanism`` (how perturbations shift
@@ -228,7 +232,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         Parameters
         ----------
         max_epochs
-            Number of passes through the training cells; ``None`` uses scvi-tools' heuristic.
+            Number of passes through the training cells; ``None``: 120, or fewer for more than 66,667 cells
+            (:func:`default_max_epochs`; longer runs prune the masks of weak perturbations, ``docs/model.md``).
         lr
             Adam learning rate (the paper's sweeps use 3e-4 over 30k-150k steps; 1e-3 is the reference demo's
             value, chosen here for the shorter runs a CPU affords).
@@ -265,6 +270,8 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         }
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if max_epochs is None and trainer_kwargs.get("datamodule") is None:
+            max_epochs = default_max_epochs(self.adata.n_obs)
         # Adam's weight decay drives weights on all-zero inputs into float32 denormals, which are ~5x slower
         # on CPUs (spec §9.4); flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
@@ -401,368 +408,6 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             raise NotImplementedError(f"{type(self).__name__} returns posterior means; use get_latent.")
         return self.get_latent(adata, indices, representation="basal", batch_size=batch_size)
 
-    @torch.inference_mode()
-    def get_mask_probabilities(self) -> pd.DataFrame:
-        """Posterior probability :math:`q(m_{tk} = 1)` that perturbation ``t`` acts on latent dimension ``k``."""
-        if not self.module.mechanism.has_mask:
-            raise ValueError(f"{self._display_name} has no masks.")
-        probs = torch.sigmoid(self.module.mask_logits).detach().cpu().numpy()
-        return pd.DataFrame(
-            probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1])
-        )
-
-    @torch.inference_mode()
-    def get_penetrance(self) -> pd.Series:
-        """Estimated probability :math:`\\pi_t` that a cell responds to perturbation ``t`` (``penetrance=True``)."""
-        if not self.module.models_penetrance:
-            raise ValueError(f"{self._display_name} was built without `penetrance=True`.")
-        values = torch.sigmoid(self.module.penetrance_logit).cpu().numpy()
-        return pd.Series(values, index=pd.Index(self.perturbations, name="perturbation"), name="penetrance")
-
-    @torch.inference_mode()
-    def get_response_probability(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-    ) -> pd.DataFrame:
-        """Posterior probability :math:`q(u_{it} = 1 \\mid x_i)` that cell ``i`` responds to its perturbation ``t``.
-
-        For a model with ``penetrance=True``; globals at their point estimate. Returns cells x perturbations, NaN
-        where the cell does not carry the perturbation (a classification of responders and escapers, as
-        Mixscape's, from the model's own likelihood).
-        """
-        if not self.module.models_penetrance:
-            raise ValueError(f"{self._display_name} was built without `penetrance=True`.")
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        globals_ = self.module.point_globals()
-        blocks = []
-        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-            probability = self.module.infer_cells(tensors, globals_)["response_probability"][0]
-            carried = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(probability.device) != 0
-            blocks.append(torch.where(carried, probability, torch.nan).cpu().numpy())
-        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        return pd.DataFrame(
-            np.concatenate(blocks),
-            index=adata.obs_names[positions],
-            columns=pd.Index(self.perturbations, name="perturbation"),
-        )
-
-    @torch.inference_mode()
-    def get_perturbation_embeddings(self) -> pd.DataFrame:
-        """Posterior point estimate of each perturbation's latent shift :math:`m_t \\odot e_t` (perturbations x K)."""
-        if not self.module.mechanism.has_shift:
-            raise ValueError(f"{self._display_name} has no latent perturbation shifts.")
-        shift = self.module.point_globals()["shift"][0].cpu().numpy()
-        return pd.DataFrame(
-            shift, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(shift.shape[1])
-        )
-
-    # ------------------------------------------------------------------ predictions
-    @torch.inference_mode()
-    def predict_perturbation(
-        self,
-        perturbations: Sequence[str] | None = None,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        expression: Literal["normalized", "counts"] = "normalized",
-        target_sum: float = 1e4,
-        n_samples: int = 20,
-        batch_size: int | None = None,
-        seed: int | None = 0,
-        progress_bar: bool = True,
-    ) -> AnnData:
-        """Counterfactual expression of source cells under chosen perturbations.
-
-        Each source cell's basal state is inferred from its counts (and its own perturbation), then every
-        requested perturbation's shift :math:`d (M \\odot E)` is applied and decoded. With ``penetrance``, the
-        source cell's own response is inferred too, and each requested perturbation acts with probability
-        :math:`\\pi_t` per draw. Combinations never
-        observed in training are allowed as long as their atomic perturbations were seen.
-
-        Parameters
-        ----------
-        perturbations
-            Labels to apply, e.g. ``["A", "A+B", "control"]``. Default: the control label followed by every
-            label observed in the training data.
-        adata
-            Data holding the source cells; default, the registered AnnData.
-        indices
-            Source cells (positions in ``adata``). Default: the control cells.
-        expression
-            ``"normalized"``: posterior mean of the expression proportions times ``target_sum`` (as after
-            :func:`scanpy.pp.normalize_total`; with ``likelihood="normal"``, the posterior mean on the data's own
-            scale). ``"counts"``: one posterior-predictive draw (negative binomial, or normal) at
-            the source cell's observed library size.
-        target_sum
-            Total per cell for ``"normalized"``.
-        n_samples
-            Posterior samples (of the globals and of the basal state) averaged for ``"normalized"``.
-        batch_size
-            Source cells per minibatch.
-        seed
-            Seed of the sampling (``None``: do not reseed); the global random state is left untouched.
-        progress_bar
-            Show a progress bar.
-
-        Returns
-        -------
-        AnnData with one row per (source cell, perturbation): ``obs_names`` ``"<cell>_<label>"``, the source
-        cell's ``obs`` columns with ``obs[perturbation_key]`` set to the applied label (same delimiter and
-        control label as the training data, so scanpy and pertpy read it directly), ``obs["source_cell"]``,
-        and ``var`` of the source data.
-        """
-        if expression not in ("normalized", "counts"):
-            raise ValueError("`expression` must be 'normalized' or 'counts'.")
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        state = self._perturbation_state
-        perturbation_key = self.registry_["setup_args"]["perturbation_key"]
-        if perturbations is None:
-            perturbations = [state["control_value"], *state["observed_labels"]]
-        perturbations = [str(p) for p in perturbations]
-        if len(perturbations) == 0:
-            raise ValueError("`perturbations` is empty.")
-        target_design = self._design_for(perturbations)  # (P, T)
-        if indices is None:
-            design = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
-            indices = np.flatnonzero(np.asarray(sparse.csr_matrix(design).getnnz(axis=1)) == 0)
-            if len(indices) == 0:
-                raise ValueError("`adata` has no control cells to use as source cells; pass `indices`.")
-        indices = np.asarray(indices)
-        n_draws = 1 if expression == "counts" else n_samples
-
-        blocks = []
-        with _seeded(seed, self.device):
-            globals_ = self.module.sample_globals(n_draws, with_kl=False)
-            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-            for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):
-                out = self.module.infer_cells(tensors, globals_)
-                shifts = self.module.sample_offset(target_design, globals_["shift"], n_cells=len(out["library"]))
-                z = self.module.compose(out["z_basal"][:, :, None, :], shifts)  # (S, n, P, K)
-                covariates = self.module.covariate_codes(tensors)
-                if covariates is not None:
-                    covariates = covariates[:, None, :].expand(-1, len(perturbations), -1)
-                library = out["library"][:, None].expand(-1, len(perturbations))
-                gen = self.module.generative(z, library, covariates, design=target_design)
-                if expression == "counts":
-                    values = self.module.sample_observations(gen)[0]
-                elif self.module.likelihood == "normal":
-                    values = gen["mean"].mean(0)
-                else:
-                    values = gen["rho"].mean(0) * target_sum
-                blocks.append(values.reshape(-1, values.shape[-1]).cpu().numpy())
-
-        columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi")]
-        obs = adata.obs.iloc[np.repeat(indices, len(perturbations))][columns].copy()
-        obs["source_cell"] = obs.index.astype(str)
-        labels = np.tile(np.asarray(perturbations, dtype=object), len(indices))
-        obs[perturbation_key] = pd.Categorical(labels, categories=list(dict.fromkeys(perturbations)))
-        obs.index = pd.Index([f"{c}_{p}" for c, p in zip(obs["source_cell"], labels, strict=True)])
-        var = pd.DataFrame(index=self._gene_names.copy())
-        return AnnData(
-            X=np.concatenate(blocks).astype(np.float32),
-            obs=obs,
-            var=var,
-            uns={
-                "sams_scvi": {
-                    "perturbation_key": perturbation_key,
-                    "control_value": state["control_value"],
-                    "delimiter": state["delimiter"],
-                    "expression": expression,
-                    "n_samples": n_draws,
-                }
-            },
-        )
-
-    @torch.inference_mode()
-    def estimate_ate(
-        self,
-        perturbations: Sequence[str] | None = None,
-        n_samples: int = 2500,
-        library_size: float | Literal["median"] = _ATE_TARGET_SUM,
-        basal: Literal["prior", "control"] = "prior",
-        batch_size: int = 250,
-        seed: int | None = 0,
-        progress_bar: bool = True,
-    ) -> AnnData:
-        r"""Average treatment effects of perturbations against the control, on the paper's scale.
-
-        For each posterior sample of the globals, a basal state is drawn, shifted by each condition's
-        :math:`d\,(M \odot E)` (with ``penetrance``, each perturbation acting with probability :math:`\pi_t`),
-        decoded, and counts are drawn at a fixed library size; each sample is put on the
-        scale :math:`y = \log_2(1 + 10^4 x / \sum_g x_g)`, and
-        :math:`\mathrm{ATE}_t = \bar y_t - \bar y_{\mathrm{control}}`. The basal state comes from
-
-        * ``basal="prior"`` (the paper's estimator): :math:`z_b \sim N(0, I)`, drawn afresh for the control and
-          for each perturbation; registered covariates are marginalised over the registered cells;
-        * ``basal="control"``: :math:`z_b \sim q(z_b \mid x_i)` of a random registered control cell :math:`i`,
-          shared by the control and every perturbation of that sample (a paired counterfactual of the observed
-          control population, with that cell's covariates). It reads the effect where the control cells
-          actually lie rather than where the prior puts them; see ``docs/model.md``.
-
-        Parameters
-        ----------
-        perturbations
-            Labels to evaluate (observed or unseen combinations of known perturbations). Default: every
-            non-control label observed in the training data.
-        n_samples
-            Monte-Carlo samples (2,500 in the paper).
-        library_size
-            Library size of the sampled counts: ``1e4`` as in the paper, or ``"median"`` for the median observed
-            library of the registered cells, which matches shallow data better (spec §9.6).
-        basal
-            Where the basal states come from: ``"prior"`` or ``"control"`` (above).
-        batch_size
-            Most samples decoded per chunk; fewer when ``batch_size x (perturbations + 1) x genes`` would exceed
-            about 2 million values on CPU (cache-sized chunks are fastest there) or 67 million on a GPU.
-        seed
-            Seed of the sampling (``None``: do not reseed); the global random state is left untouched.
-        progress_bar
-            Show a progress bar.
-
-        Returns
-        -------
-        AnnData (perturbations x genes): ``X`` the ATE, ``layers["mc_se"]`` its Monte-Carlo standard error,
-        ``obs["n_cells"]`` the number of registered cells with that label (0 for unseen combinations), and
-        ``uns["control"]``. ``ate.to_df()`` gives the table. With ``likelihood="normal"`` the ATE is on the data's
-        own scale: the difference of the decoded means (the expectation over the noise), and ``library_size`` is
-        not used.
-        """
-        self._check_if_trained(warn=False)
-        state = self._perturbation_state
-        if state["n_control_cells"] == 0:
-            raise ValueError(
-                "The training data has no control cells: the ATE compares each perturbation with the unperturbed "
-                "(control) state, which the model can only learn from control cells. Register data with cells "
-                f"labelled {state['control_value']!r}."
-            )
-        if perturbations is None:
-            perturbations = list(state["observed_labels"])
-        perturbations = [str(p) for p in perturbations]
-        if len(perturbations) == 0:
-            raise ValueError("`perturbations` is empty.")
-        design = self._design_for([state["control_value"], *perturbations])  # (P + 1, T), control first
-        library = self._ate_library_size(library_size) if self.module.likelihood == "nb" else 1.0
-        n_conditions = design.shape[0]
-        if basal not in ("prior", "control"):
-            raise ValueError("`basal` must be 'prior' or 'control'.")
-
-        device = self.device
-        sums = torch.zeros(n_conditions, self.module.n_input, dtype=torch.float64, device=device)
-        diff_sq = torch.zeros(n_conditions - 1, self.module.n_input, dtype=torch.float64, device=device)
-        # memory-bounded: decoded in chunks of at most ~2**21 (CPU: cache-sized) or ~2**26 (GPU, 256 MB per float32
-        # tensor) values; the globals for a block of several chunks at once (fewer small tensor operations)
-        chunk_elements = _ATE_CHUNK_ELEMENTS.get(device.type, _ATE_CHUNK_ELEMENTS["cuda"])
-        per_chunk = max(1, min(batch_size, chunk_elements // (n_conditions * self.module.n_input)))
-        per_block = per_chunk * max(1, _ATE_BLOCK_SAMPLES // per_chunk)
-        blocks = [min(per_block, n_samples - start) for start in range(0, n_samples, per_block)]
-        with _seeded(seed, device):
-            # inside the seeded block: the encoder's draws must not advance the caller's random state
-            control_posterior = self._control_basal_posterior() if basal == "control" else None
-            for block in track(blocks, description="Estimating ATEs", disable=not progress_bar):
-                globals_ = self.module.sample_globals(block, with_kl=False)
-                offset = self.module.sample_offset(design, globals_["shift"])  # (block, P+1, K)
-                if control_posterior is None:
-                    z = self.module.compose(torch.randn_like(offset), offset)
-                    covariates = self._sample_covariates((block, n_conditions))
-                else:
-                    z, covariates = self._control_basal_draws(control_posterior, offset)
-                library_sizes = torch.full((per_chunk, n_conditions), library, device=device)
-                for start in range(0, block, per_chunk):
-                    chunk = slice(start, min(start + per_chunk, block))
-                    gen = self.module.generative(
-                        z[chunk],
-                        library_sizes[: chunk.stop - start],
-                        None if covariates is None else covariates[chunk],
-                        design=design,
-                    )
-                    if self.module.likelihood == "normal":
-                        _accumulate_means(gen["mean"], sums, diff_sq)
-                    else:
-                        accumulate_log_normalized(gen["mu"], gen["theta"], _ATE_TARGET_SUM, sums, diff_sq)
-        means = sums / n_samples
-        ate = means[1:] - means[:1]
-        variance = (diff_sq / n_samples - ate**2).clamp(min=0) * n_samples / max(n_samples - 1, 1)
-        standard_error = (variance / n_samples).sqrt()
-
-        n_cells = self._label_counts()
-        obs = pd.DataFrame(
-            {"n_cells": [int(n_cells.get(p, 0)) for p in perturbations]},
-            index=pd.Index(perturbations, name="perturbation"),
-        )
-        return AnnData(
-            X=ate.float().cpu().numpy(),
-            obs=obs,
-            var=pd.DataFrame(index=self._gene_names.copy()),
-            layers={"mc_se": standard_error.float().cpu().numpy()},
-            uns={
-                "control": state["control_value"],
-                "n_samples": n_samples,
-                **({} if self.module.likelihood == "normal" else {"library_size": float(library)}),
-                "basal": basal,
-                "scale": "data" if self.module.likelihood == "normal" else "log2(1 + 1e4 * x / sum(x))",
-            },
-        )
-
-    @torch.inference_mode()
-    def _control_basal_posterior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Location and scale of :math:`q(z_b \\mid x_i)` (n_control, K) of the control cells, and their covariates.
-
-        A control cell has no offset, so its basal posterior does not depend on the globals. The covariate codes
-        are ``None`` when the decoder has no covariates.
-        """
-        if self.adata is None:
-            raise ValueError("basal='control' needs the registered AnnData (its control cells).")
-        design = sparse.csr_matrix(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
-        controls = np.flatnonzero(design.getnnz(axis=1) == 0)
-        globals_ = self.module.point_globals()
-        locs, scales, codes = [], [], []
-        for tensors in self._make_data_loader(adata=self.adata, indices=controls, batch_size=1024):
-            out = self.module.inference(**self.module._get_inference_input(tensors), global_samples=globals_)
-            qz = out["qz"]
-            scale = qz.scale if qz.scale.dim() == 2 else qz.scale[0]
-            locs.append(self.module.basal_mean(out)[0])
-            scales.append(scale)
-            covariates = self.module.covariate_codes(tensors)
-            if covariates is not None and not self.module.decoder_covariates.is_empty:
-                codes.append(covariates.to(scale.device))  # the loader's tensors stay on the CPU
-        return torch.cat(locs), torch.cat(scales), (torch.cat(codes) if codes else None)
-
-    def _control_basal_draws(
-        self,
-        control_posterior: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-        offset: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per sample, one random control cell's :math:`z_b \\sim q(z_b \\mid x_i)` plus each condition's offset.
-
-        Returns the latents (S, P, K) and that cell's covariates (S, P, J) or ``None``.
-        """
-        loc, scale, codes = control_posterior
-        cells = torch.randint(loc.shape[0], (offset.shape[0],), device=loc.device)
-        basal = torch.randn_like(loc[cells]).mul_(scale[cells]).add_(loc[cells])
-        z = self.module.compose(basal[:, None, :], offset)
-        covariates = None if codes is None else codes[cells][:, None, :].expand(-1, offset.shape[1], -1)
-        return z, covariates
-
-    def _ate_library_size(self, library_size: float | str) -> float:
-        if library_size == "median":
-            if self.adata is None:
-                raise ValueError("library_size='median' needs the registered AnnData.")
-            x = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)
-            return float(np.median(np.asarray(x.sum(1)).ravel()))
-        if isinstance(library_size, str) or library_size <= 0:
-            raise ValueError("`library_size` must be a positive number or 'median'.")
-        return float(library_size)
-
-    def _label_counts(self) -> pd.Series:
-        """Registered cells per label (empty when the model was loaded without data)."""
-        key = self.registry_["setup_args"]["perturbation_key"]
-        if self.adata is None or key not in self.adata.obs:
-            return pd.Series(dtype=int)
-        return self.adata.obs[key].astype(str).str.strip().value_counts()
-
     # ------------------------------------------------------------------ likelihood bounds
     @torch.inference_mode()
     def get_elbo(
@@ -843,79 +488,3 @@ class BasePerturbationModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         # p(x) = sum_u pi(u) p(x | u), each p(x | u) importance-sampled by its own q(z_b | x, u)
         n_cells = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].shape[0]
         return self.module.combine_branches(log_likelihood - kl_basal, branches, n_cells)[0]
-
-
-def _accumulate_means(mean: torch.Tensor, sums: torch.Tensor, diff_sq: torch.Tensor) -> None:
-    """Add the sums over samples of decoded means (S, C, G) to ``sums`` and of squared contrasts to ``diff_sq``."""
-    mean = mean.to(sums.dtype)
-    sums += mean.sum(0)
-    diff_sq += mean[:, 1:].sub(mean[:, :1]).square().sum(0)
-
-
-def _latent_names(n: int) -> pd.Index:
-    return pd.Index([f"latent_{k}" for k in range(n)], name="latent")
-
-
-def _check_finite(x) -> None:
-    """Raise on NaN or infinite values."""
-    values = x.data if sparse.issparse(x) else np.asarray(x)
-    if values.size and not np.all(np.isfinite(values)):
-        raise ValueError("The expression matrix has NaN or infinite values.")
-
-
-def _check_counts(x) -> None:
-    """Raise on negative values and warn on non-integers: the negative binomial models raw counts."""
-    values = x.data if sparse.issparse(x) else np.asarray(x)
-    if values.size == 0:
-        return
-    if np.min(values) < 0:
-        raise ValueError(
-            "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
-            "normalised or scaled data, create the model with likelihood='normal'."
-        )
-    sample = values.ravel()[:: max(1, values.size // 100_000)]  # scvi-tools checks a sample too
-    if not np.all(sample == np.round(sample)):
-        warnings.warn(
-            "The data are not integers, as unnormalized count data would be; the negative binomial likelihood "
-            "models raw UMI counts. For normalised data, create the model with likelihood='normal'.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:
-    """Raise a clear error when ``adata`` does not hold the model's genes in the same order."""
-    mod_key = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["data_registry"].get("mod_key")
-    target = adata.mod[mod_key] if mod_key is not None else adata
-    var_names = pd.Index(target.var_names)
-    if len(var_names) != len(genes) or not var_names.equals(genes):
-        missing = genes.difference(var_names)
-        raise ValueError(
-            f"The data has {len(var_names)} genes but the model was trained on {len(genes)}"
-            + (f"; {len(missing)} model genes are missing (e.g. {list(missing[:5])})" if len(missing) else "")
-            + ". Subset and order the data to the model's genes: adata[:, model_genes]."
-        )
-
-
-class _seeded:
-    """Context manager: reseed torch (and numpy) inside, restore the caller's random state afterwards."""
-
-    def __init__(self, seed: int | None, device: torch.device | str) -> None:
-        self.seed = seed
-        self.devices = [device] if torch.device(device).type == "cuda" else []
-
-    def __enter__(self):
-        if self.seed is None:
-            return self
-        self._fork = torch.random.fork_rng(devices=self.devices)
-        self._fork.__enter__()
-        self._np_state = np.random.get_state()
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        if self.seed is None:
-            return False
-        np.random.set_state(self._np_state)
-        return self._fork.__exit__(*exc)

@@ -1,0 +1,81 @@
+"""Argument checks and helpers shared by the model classes and their mixins."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+
+
+def _latent_names(n: int) -> pd.Index:
+    return pd.Index([f"latent_{k}" for k in range(n)], name="latent")
+
+
+def _check_finite(x) -> None:
+    """Raise on NaN or infinite values."""
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if values.size and not np.all(np.isfinite(values)):
+        raise ValueError("The expression matrix has NaN or infinite values.")
+
+
+def _check_counts(x) -> None:
+    """Raise on negative values and warn on non-integers: the negative binomial models raw counts."""
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if values.size == 0:
+        return
+    if np.min(values) < 0:
+        raise ValueError(
+            "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
+            "normalised or scaled data, create the model with likelihood='normal'."
+        )
+    sample = values.ravel()[:: max(1, values.size // 100_000)]  # scvi-tools checks a sample too
+    if not np.all(sample == np.round(sample)):
+        warnings.warn(
+            "The data are not integers, as unnormalized count data would be; the negative binomial likelihood "
+            "models raw UMI counts. For normalised data, create the model with likelihood='normal'.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:
+    """Raise a clear error when ``adata`` does not hold the model's genes in the same order."""
+    mod_key = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["data_registry"].get("mod_key")
+    target = adata.mod[mod_key] if mod_key is not None else adata
+    var_names = pd.Index(target.var_names)
+    if len(var_names) != len(genes) or not var_names.equals(genes):
+        missing = genes.difference(var_names)
+        raise ValueError(
+            f"The data has {len(var_names)} genes but the model was trained on {len(genes)}"
+            + (f"; {len(missing)} model genes are missing (e.g. {list(missing[:5])})" if len(missing) else "")
+            + ". Subset and order the data to the model's genes: adata[:, model_genes]."
+        )
+
+
+class _seeded:
+    """Context manager: reseed torch (and numpy) inside, restore the caller's random state afterwards."""
+
+    def __init__(self, seed: int | None, device: torch.device | str) -> None:
+        self.seed = seed
+        self.devices = [device] if torch.device(device).type == "cuda" else []
+
+    def __enter__(self):
+        if self.seed is None:
+            return self
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        self._np_state = np.random.get_state()
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seed is None:
+            return False
+        np.random.set_state(self._np_state)
+        return self._fork.__exit__(*exc)

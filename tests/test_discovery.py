@@ -1,0 +1,224 @@
+"""Reading the mechanisms, gene programs, credible intervals of ATEs and combination screening."""
+
+from math import comb
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import torch
+
+import sams_scvi
+from sams_scvi.cli import main
+from sams_scvi.model._mechanism import _cluster_modules
+
+N_LATENT = 4
+
+
+@pytest.fixture(scope="module")
+def gaussian_screen():
+    return sams_scvi.data.simulate_sams_gaussian(
+        n_perturbations=6,
+        n_genes=30,
+        n_latent=N_LATENT,
+        mask_prob=0.25,
+        n_cells_per_perturbation=70,
+        n_control_cells=140,
+        combinations=["p0+p1", "p2+p3"],
+        n_cells_per_combination=35,
+        n_ate_samples=100,
+        seed=0,
+    )
+
+
+def set_mechanism(adata, penetrance: bool = False, scale: float = 0.3) -> sams_scvi.SAMSVAE:
+    """An untrained model with a known mechanism: p0 acts on dimensions 0 and 1, p1 on 0, p2 on 1, p3 on 2 (with
+    p4's shift opposite to p3's), p5 on nothing; embeddings with posterior scale ``scale``."""
+    adata = adata.copy()
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(
+        adata, n_latent=N_LATENT, n_hidden=32, likelihood="normal", guide="mean_field", penetrance=penetrance
+    )
+    mechanism = model.module.mechanism
+    on = np.zeros((6, N_LATENT), dtype=bool)
+    on[0, [0, 1]] = on[1, 0] = on[2, 1] = on[3, 2] = on[4, 2] = True
+    loc = torch.tensor(
+        [[2.0, 1.0, 0, 0], [1.5, 0, 0, 0], [0, -2.0, 0, 0], [0, 0, 1.0, 0], [0, 0, -1.0, 0], [0, 0, 0, 0]]
+    )
+    with torch.no_grad():
+        mechanism.mask_logits.copy_(torch.where(torch.as_tensor(on), 8.0, -8.0))
+        mechanism.embedding_loc.copy_(loc)
+        mechanism.embedding_log_scale.fill_(float(np.log(scale)))
+        model.module.train_perturbation_counts.copy_(torch.tensor([105.0, 105, 105, 105, 70, 70]))
+    model.module.eval()
+    model.is_trained_ = True
+    return model
+
+
+@pytest.fixture(scope="module")
+def known(gaussian_screen):
+    return set_mechanism(gaussian_screen)
+
+
+def test_active_dimensions_and_effective_shifts(known):
+    active = known.get_active_dimensions()
+    assert list(active.columns) == ["perturbation", "latent", "mask_probability", "shift", "share"]
+    assert active.groupby("perturbation").size().to_dict() == {"p0": 2, "p1": 1, "p2": 1, "p3": 1, "p4": 1}
+    assert list(active.loc[active.perturbation == "p0", "latent"]) == ["latent_0", "latent_1"]  # strongest first
+    np.testing.assert_allclose(active.groupby("perturbation")["share"].sum(), 1.0)
+    np.testing.assert_allclose(active.loc[active.perturbation == "p0", "share"], [0.8, 0.2], atol=1e-4)
+    # E_q[m * e] = q(m = 1) E[e] under the mean-field guide, within Monte-Carlo error (sd 0.3 / sqrt(4000))
+    shifts = known.get_effective_shifts(n_samples=4000)
+    expected = known.get_mask_probabilities() * known.module.mechanism.embedding_loc.detach().numpy()
+    np.testing.assert_allclose(shifts.to_numpy(), expected.to_numpy(), atol=0.02)
+    assert shifts.index.name == "perturbation" and shifts.shape == (6, N_LATENT)
+    with pytest.raises(ValueError, match="threshold"):
+        known.get_active_dimensions(threshold=1.5)
+
+
+def test_mechanism_similarity(known):
+    cosine = known.get_mechanism_similarity("cosine")
+    assert cosine.loc["p3", "p4"] == pytest.approx(-1.0, abs=0.01)
+    assert cosine.loc["p1", "p2"] == pytest.approx(0.0, abs=0.02)
+    assert np.isnan(cosine.loc["p5", "p0"])  # no shift: no direction
+    shared = known.get_mechanism_similarity("shared_dimensions")
+    assert shared.loc["p0", "p0"] == 2 and shared.loc["p0", "p1"] == 1 and shared.loc["p0", "p3"] == 0
+    jaccard = known.get_mechanism_similarity("jaccard")
+    assert jaccard.loc["p0", "p1"] == pytest.approx(0.5) and jaccard.loc["p3", "p4"] == pytest.approx(1.0)
+    assert np.isnan(jaccard.loc["p5", "p5"])
+    with pytest.raises(ValueError, match="metric"):
+        known.get_mechanism_similarity("euclidean")
+
+
+def test_modules_group_shared_directions():
+    shifts = np.array([[1.0, 0.1, 0], [0.9, 0, 0], [0, 0, 2.0], [0, 0.1, 1.5], [0, 0, 0], [1.1, 0, 0.05]])
+    modules = _cluster_modules(shifts, module_distance=0.3)
+    assert list(modules) == ["module_0", "module_0", "module_1", "module_1", "no mechanism", "module_0"]
+    assert list(modules.categories) == ["module_0", "module_1", "no mechanism"]
+    assert len(set(_cluster_modules(shifts, module_distance=1.5))) == 2  # one module and "no mechanism"
+
+
+def test_mechanisms_anndata_works_with_scanpy(known):
+    mechanisms = known.get_mechanisms(module_distance=0.3)
+    assert mechanisms.shape == (6, N_LATENT)
+    assert list(mechanisms.obs_names) == known.perturbations
+    assert mechanisms.obs.loc["p0", "n_active"] == 2 and mechanisms.obs.loc["p0", "n_cells"] == 105
+    assert mechanisms.obs.loc["p5", "module"] == "no mechanism"
+    assert mechanisms.obs.loc["p3", "module"] != mechanisms.obs.loc["p4", "module"]  # opposite directions
+    assert mechanisms.obsp["shared_dimensions"][0, 1] == 1
+    np.testing.assert_allclose(mechanisms.layers["mask_probability"], known.get_mask_probabilities(), rtol=1e-6)
+    sc.pp.neighbors(mechanisms, use_rep="X", n_neighbors=3)
+    assert mechanisms.obsp["connectivities"].shape == (6, 6)
+
+
+def test_gene_programs_are_decoder_responses(known):
+    programs = known.get_gene_programs(n_top_genes=None, step=0.5, n_cells=50)
+    assert len(programs) == N_LATENT * 30 and programs.attrs["scale"] == "difference of decoded means"
+    top = known.get_gene_programs(n_top_genes=5, step=0.5, n_cells=50)
+    assert top.groupby("latent")["rank"].apply(list).map(lambda r: r == [1, 2, 3, 4, 5]).all()
+    pivot = programs.pivot(index="latent", columns="gene", values="effect")
+    # recompute for latent dimension 2 by decoding the same control cells directly
+    with sams_scvi.model._utils._seeded(0, "cpu"):
+        basal, _ = known._reference_basal_states(50)
+    with torch.no_grad():
+        moved = basal.clone()
+        moved[:, 2] += 0.5
+        decode = known.module.generative
+        expected = decode(moved, torch.ones(50))["mean"].mean(0) - decode(basal, torch.ones(50))["mean"].mean(0)
+    np.testing.assert_allclose(pivot.loc["latent_2", known.adata.var_names], expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert (top.groupby("latent")["effect"].apply(lambda e: e.abs().is_monotonic_decreasing)).all()
+
+
+def test_program_enrichment_finds_a_planted_set():
+    genes = [f"g{i}" for i in range(100)]
+    rows = []
+    for latent, top_genes in {"latent_0": genes[:10], "latent_1": genes[50:60]}.items():
+        ranked = top_genes + [g for g in genes if g not in top_genes]
+        rows += [{"latent": latent, "gene": g, "rank": r + 1, "effect": 1.0} for r, g in enumerate(ranked)]
+    programs = pd.DataFrame(rows)
+    table = sams_scvi.tl.program_enrichment(
+        programs, {"planted": genes[:8] + ["not_a_gene"], "random": genes[20:40]}, n_top_genes=10
+    )
+    best = table.iloc[0]
+    assert (best.latent, best.gene_set, best.overlap, best.set_size) == ("latent_0", "planted", 8, 8)
+    # P(X >= 8) for 10 draws from 100 genes of which 8 are in the set
+    assert best.p_value == pytest.approx(comb(92, 2) / comb(100, 10), rel=1e-6)
+    assert best.fdr >= best.p_value and (table.fdr <= 1).all()
+    assert set(table.gene_set) == {"planted"}  # rows without overlap are dropped
+    with pytest.raises(ValueError, match="columns"):
+        sams_scvi.tl.program_enrichment(programs.drop(columns="rank"), {"a": ["g1"]})
+
+
+def brute_force_posterior_sd(model, labels: list[str], n_draws: int = 300, n_basal: int = 1000) -> np.ndarray:
+    """sd over draws of the globals of the ATE given the draw (common basal draws: little Monte-Carlo noise)."""
+    torch.manual_seed(1)
+    design = model._design_for(["control", *labels])
+    basal = torch.randn(n_basal, 1, N_LATENT)
+    effects = []
+    with torch.no_grad():
+        for _ in range(n_draws):
+            offset = model.module.latent_offset(design, model.module.sample_globals(1, with_kl=False)["shift"])
+            mean = model.module.generative(basal + offset[0], torch.ones(n_basal, len(labels) + 1))["mean"].mean(0)
+            effects.append((mean[1:] - mean[:1]).numpy())
+    return np.std(effects, axis=0, ddof=1)
+
+
+def test_credible_intervals_measure_the_mechanisms_posterior(gaussian_screen):
+    labels = ["p0", "p3", "p5"]
+    wide = set_mechanism(gaussian_screen, scale=0.3)
+    ate = wide.estimate_ate(labels, n_samples=8000, n_posterior_draws=200, progress_bar=False)
+    assert ate.uns["n_posterior_draws"] == 200 and ate.uns["n_samples"] == 8000
+    expected = brute_force_posterior_sd(wide, labels)
+    ratio = ate.layers["posterior_sd"][:2].mean(1) / expected[:2].mean(1)
+    assert np.all((ratio > 0.75) & (ratio < 1.33)), ratio
+    # p5 has no active mask: its ATE is 0 in every draw, and its estimated spread is Monte-Carlo noise only
+    assert expected[2].max() == 0 and ate.layers["posterior_sd"][2].mean() < 0.25 * expected[:2].mean()
+    np.testing.assert_allclose(ate.layers["ci_upper"] - ate.X, ate.X - ate.layers["ci_lower"], atol=1e-5)
+    np.testing.assert_allclose(ate.layers["ci_upper"] - ate.X, 1.6449 * ate.layers["posterior_sd"], rtol=1e-3)
+    # the Monte-Carlo error shrinks with more samples; the posterior spread does not
+    assert np.median(ate.layers["mc_se"]) < 0.5 * np.median(ate.layers["posterior_sd"][:2])
+    narrow = set_mechanism(gaussian_screen, scale=0.01)
+    sharp = narrow.estimate_ate(labels, n_samples=8000, n_posterior_draws=200, progress_bar=False)
+    assert sharp.layers["posterior_sd"][:2].mean() < 0.2 * ate.layers["posterior_sd"][:2].mean()
+    with pytest.raises(ValueError, match="credible_level"):
+        wide.estimate_ate(labels, credible_level=90, progress_bar=False)
+    with pytest.raises(ValueError, match="n_samples"):
+        wide.estimate_ate(labels, n_samples=0, progress_bar=False)
+
+
+def test_screen_combinations(gaussian_screen):
+    model = set_mechanism(gaussian_screen, scale=0.05)
+    screen = model.screen_combinations(n_samples=2000, progress_bar=False)
+    pairs = set(zip(screen.obs.perturbation_a, screen.obs.perturbation_b, strict=True))
+    assert len(pairs) == 15 - 2 and ("p0", "p1") not in pairs and ("p2", "p3") not in pairs  # observed together
+    assert screen.obs["non_additivity_norm"].is_monotonic_decreasing
+    np.testing.assert_allclose(screen.layers["non_additivity"], screen.X - screen.layers["additive"], atol=1e-5)
+    # the additive expectation is the sum of the model's single ATEs
+    singles = model.estimate_ate([f"p{t}" for t in range(6)], n_samples=4000, progress_bar=False).to_df()
+    row = screen.obs.index.get_loc("p0+p3")
+    additive = singles.loc["p0"] + singles.loc["p3"]
+    np.testing.assert_allclose(screen.layers["additive"][row], additive, atol=0.05)
+    # p5 has no shift: a pair with it is its partner's single, exactly additive up to Monte-Carlo error
+    row = screen.obs.index.get_loc("p0+p5")
+    assert screen.obs["non_additivity_norm"].iloc[row] < 0.2 * screen.obs["non_additivity_norm"].max()
+    chosen = model.screen_combinations(
+        ["p0+p1", ("p2", "p4")], rank_by="effect_norm", n_samples=100, progress_bar=False
+    )
+    assert set(chosen.obs_names) == {"p0+p1", "p2+p4"} and chosen.obs["effect_norm"].is_monotonic_decreasing
+    with pytest.raises(ValueError, match="pair of two different"):
+        model.screen_combinations(["p0+p0"], progress_bar=False)
+    with pytest.raises(ValueError, match="Unknown perturbations"):
+        model.screen_combinations([("p0", "XYZ")], progress_bar=False)
+    with pytest.raises(ValueError, match="rank_by"):
+        model.screen_combinations(["p0+p3"], rank_by="top_gene", n_samples=10, progress_bar=False)
+
+
+def test_cli_screen(gaussian_screen, tmp_path, capsys):
+    model = set_mechanism(gaussian_screen, scale=0.05)
+    model.save(tmp_path / "model", save_anndata=True)
+    output = tmp_path / "screen.csv"
+    assert main(["screen", str(tmp_path / "model"), "--output", str(output), "--n-samples", "100", "--quiet"]) == 0
+    table = pd.read_csv(output, index_col=0)
+    assert len(table) == 13 and "non_additivity_norm" in table.columns
+    assert "p0+p1" not in table.index
+    assert "Wrote 13 pairs" in capsys.readouterr().out
