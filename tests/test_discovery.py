@@ -222,3 +222,116 @@ def test_cli_screen(gaussian_screen, tmp_path, capsys):
     assert len(table) == 13 and "non_additivity_norm" in table.columns
     assert "p0+p1" not in table.index
     assert "Wrote 13 pairs" in capsys.readouterr().out
+
+
+def test_bootstrap_ensemble(tmp_path):
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=3, n_genes=20, n_latent=3, n_cells_per_perturbation=60, n_control_cells=120, n_ate_samples=200
+    )
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    models = sams_scvi.bootstrap_models(
+        adata,
+        n_models=3,
+        model_kwargs={"n_latent": 3, "n_hidden": 16},
+        train_kwargs={"max_epochs": 2, "enable_progress_bar": False},
+        progress_bar=False,
+    )
+    labels = adata.obs["perturbation"].astype(str)
+    for model in models:
+        resample = model.train_indices
+        assert len(resample) == adata.n_obs and len(np.unique(resample)) < adata.n_obs  # cells drawn with repeats
+        pd.testing.assert_series_equal(  # every label keeps its number of cells
+            labels.iloc[resample].value_counts().sort_index(), labels.value_counts().sort_index()
+        )
+        np.testing.assert_array_equal(model.module.train_perturbation_counts.numpy(), [60, 60, 60])
+    assert not np.array_equal(models[0].train_indices, models[1].train_indices)
+
+    ensemble = sams_scvi.ensemble_ate(models, ["p0", "p1+p2"], n_samples=200, progress_bar=False)
+    single = [m.estimate_ate(["p0", "p1+p2"], n_samples=200, progress_bar=False) for m in models]
+    values = np.stack([e.X for e in single]).astype(float)
+    np.testing.assert_allclose(ensemble.X, values.mean(0), rtol=1e-5, atol=1e-6)
+    mc = np.mean([e.layers["mc_se"].astype(float) ** 2 for e in single], axis=0)
+    between = np.clip(values.var(0, ddof=1) - mc, 0, None)
+    within = np.mean([e.layers["posterior_sd"].astype(float) ** 2 for e in single], axis=0)
+    total = np.sqrt(within + (4 / 3) * between)
+    np.testing.assert_allclose(ensemble.layers["total_sd"], total, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        ensemble.layers["ci_upper"] - ensemble.X, 2.920 * total, rtol=1e-3, atol=1e-5
+    )  # t quantile 0.95, 2 df
+    assert ensemble.uns["n_models"] == 3
+    with pytest.raises(ValueError, match="at least 2"):
+        sams_scvi.bootstrap_models(adata, n_models=1)
+    with pytest.raises(ValueError, match="datasplitter_kwargs"):
+        sams_scvi.bootstrap_models(adata, train_kwargs={"datasplitter_kwargs": {}})
+
+
+def test_plots(known, gaussian_screen, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mechanisms = known.get_mechanisms(module_distance=0.3)
+    ax = sams_scvi.pl.mechanism_heatmap(mechanisms, show=False)
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(shown) == sorted(known.perturbations) and shown[-1] == "p5"  # "no mechanism" last
+    fig = sams_scvi.pl.mechanism_heatmap(mechanisms, layer="mask_probability", save=tmp_path / "m.png", return_fig=True)
+    assert isinstance(fig, plt.Figure) and (tmp_path / "m.png").stat().st_size > 0
+
+    ate = known.estimate_ate(["p0", "p3"], n_samples=200, progress_bar=False)
+    observed = sams_scvi.metrics.observed_ate(gaussian_screen, perturbations=["p0", "p3"], scale="none")
+    ax = sams_scvi.pl.ate_intervals(ate, ["g0", "g1", "g2"], observed=observed, show=False)
+    assert len(ax.containers) == 2  # one error-bar group per perturbation
+    with pytest.raises(ValueError, match="not in the ATE"):
+        sams_scvi.pl.ate_intervals(ate, ["nope"], show=False)
+
+    screen = known.screen_combinations(n_samples=100, progress_bar=False)
+    ax = sams_scvi.pl.screen_volcano(screen, n_labels=3, show=False)
+    assert len(ax.texts) == 3 and ax.texts[0].get_text() == screen.obs_names[0]
+
+    model = sams_scvi.SAMSVAE(known.adata, n_latent=2, n_hidden=8, likelihood="normal")
+    model.train(max_epochs=2, check_val_every_n_epoch=1, enable_progress_bar=False)
+    ax = sams_scvi.pl.training_history(model, show=False)
+    assert [line.get_label() for line in ax.get_lines()] == ["elbo_train", "elbo_validation"]
+    with pytest.raises(ValueError, match="history"):
+        sams_scvi.pl.training_history(model, keys=["nothing"], show=False)
+    plt.close("all")
+
+
+def test_normalized_expression_and_scvi_differential_expression():
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=3, n_genes=40, n_latent=3, effect_size=3.0, n_cells_per_perturbation=150, n_control_cells=300
+    )
+    adata.obs["replicate"] = np.where(np.arange(adata.n_obs) % 2, "r1", "r2")
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", batch_key="replicate")
+    model = sams_scvi.SAMSVAE(adata, n_latent=3, n_hidden=32)
+    model.train(max_epochs=40, enable_progress_bar=False)
+
+    expression = model.get_normalized_expression(indices=np.arange(10), seed=0)
+    assert isinstance(expression, pd.DataFrame) and expression.shape == (10, 40)
+    np.testing.assert_allclose(expression.sum(1), 1.0, rtol=1e-4)  # proportions
+    again = model.get_normalized_expression(indices=np.arange(10), seed=0)
+    pd.testing.assert_frame_equal(expression, again)
+    scaled = model.get_normalized_expression(indices=np.arange(10), library_size="latent", seed=0)
+    np.testing.assert_allclose(scaled.sum(1), np.asarray(adata.X[:10].sum(1)).ravel(), rtol=1e-3)
+    samples = model.get_normalized_expression(indices=np.arange(10), n_samples=3, return_mean=False, gene_list=["g0"])
+    assert samples.shape == (3, 10, 1)
+    assert model.get_normalized_expression(n_samples_overall=50).shape == (50, 40)
+    r1 = model.get_normalized_expression(indices=np.arange(10), transform_batch="r1", seed=0)
+    r2 = model.get_normalized_expression(indices=np.arange(10), transform_batch="r2", seed=0)
+    assert not np.allclose(r1, r2)
+    with pytest.raises(ValueError, match="Unknown batch"):
+        model.get_normalized_expression(transform_batch="r3")
+    with pytest.raises(NotImplementedError, match="importance"):
+        model.get_normalized_expression(weights="importance")
+
+    # scvi-tools' own DE machinery on the model's expression: it ranks the genes p0 truly moves
+    de = model.differential_expression(
+        groupby="perturbation", group1="p0", group2="control", mode="change", silent=True
+    )
+    assert {"proba_de", "bayes_factor", "lfc_mean", "is_de_fdr_0.05"} <= set(de.columns)
+    truth = adata.uns["simulation"]["ate"].loc["p0", de.index]
+    from scipy.stats import spearmanr
+
+    assert spearmanr(de["lfc_mean"], truth)[0] > 0.6
+    assert spearmanr(de["proba_de"], truth.abs())[0] > 0.3

@@ -5,7 +5,7 @@ from importlib.metadata import version
 from . import data, metrics, pl, tl
 from ._compare import compare_models, paper_models
 from .metrics import evaluate
-from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
+from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus, bootstrap_models, ensemble_ate
 from .module import SAMSModule
 
 __version__ = version("sams-scvi")
@@ -16,8 +16,10 @@ __all__ = [
     "SAMSModule",
     "SAMSVAE",
     "SVAEPlus",
+    "bootstrap_models",
     "compare_models",
     "data",
+    "ensemble_ate",
     "evaluate",
     "metrics",
     "paper_models",

@@ -28,6 +28,7 @@ from sams_scvi.data._perturbation_field import MuDataPerturbationField, Perturba
 from sams_scvi.module import SAMSModule
 
 from ._data_splitter import SAMSDataSplitter
+from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
 from ._prediction import PredictionMixin
 from ._training_plan import SAMSTrainingPlan
@@ -45,7 +46,9 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(_MAX_EPOCHS, round(_CELL_PASSES / max(n_cells, 1)))))
 
 
-class BasePerturbationModel(MechanismMixin, PredictionMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class BasePerturbationModel(
+    MechanismMixin, PredictionMixin, ExpressionMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """What SAMS-VAE and its comparison models share: registration, training recipe, predictions, metrics.
 
     Subclasses build a :class:`~sams_scvi.module.SAMSModule` with their ``mechanism`` (how perturbations shift

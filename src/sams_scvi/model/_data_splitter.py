@@ -7,11 +7,12 @@ from scvi.dataloaders import DataSplitter
 
 
 class SAMSDataSplitter(DataSplitter):
-    """:class:`scvi.dataloaders.DataSplitter` that accepts a partial ``external_indexing``.
+    """:class:`scvi.dataloaders.DataSplitter` that accepts a partial ``external_indexing`` with repeated cells.
 
-    scvi-tools requires ``[train, validation, test]`` to cover every cell; the paper's out-of-distribution
-    splits leave the cells of some combinations unused (spec §5.3). Cells in none of the three sets are
-    simply not loaded.
+    scvi-tools requires ``[train, validation, test]`` to cover every cell, each once; the paper's
+    out-of-distribution splits (:func:`~sams_scvi.metrics.combination_split`) leave some cells unused, and bootstrap
+    resamples (:func:`~sams_scvi.bootstrap_models`) repeat cells. Cells in none of the three sets are not loaded;
+    a repeated cell is loaded as often as it appears.
     """
 
     def __init__(self, adata_manager, external_indexing=None, **kwargs) -> None:
@@ -21,7 +22,8 @@ class SAMSDataSplitter(DataSplitter):
         split = [np.asarray(idx, dtype=np.int64) for idx in external_indexing]
         unused = np.setdiff1d(np.arange(adata_manager.adata.n_obs), np.concatenate(split))
         # let scvi-tools validate a complete index set, then keep the partial one for setup()
+        unique = [np.unique(idx) for idx in split]
         super().__init__(
-            adata_manager, external_indexing=[split[0], split[1], np.concatenate([split[2], unused])], **kwargs
+            adata_manager, external_indexing=[unique[0], unique[1], np.concatenate([unique[2], unused])], **kwargs
         )
         self.external_indexing = split

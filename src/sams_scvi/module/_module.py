@@ -313,7 +313,8 @@ class SAMSModule(BaseModuleClass):
         r"""Posterior basal states of the cells in ``tensors``, with their responses inferred under penetrance.
 
         Returns ``z_basal`` (S, n, K), one draw per particle (under penetrance, from the response pattern drawn
-        from :math:`q(u \mid x)`, itself computed from each pattern's ELBO at the encoder's mean), ``basal_mean`` (S, n, K), the posterior mean (averaged over response patterns),
+        from :math:`q(u \mid x)`, itself computed from each pattern's ELBO at the encoder's mean), ``z`` (S, n, K),
+        the perturbed state of that draw, ``basal_mean`` (S, n, K), the posterior mean (averaged over response patterns),
         ``offset`` (S, n, K), the mean offset :math:`\sum_u q(u \mid x)\, D_u (M \odot E)`, ``library`` (n,), and
         ``response_probability`` (S, n, T), :math:`q(u_{it} = 1 \mid x_i)` (``None`` without penetrance).
         """
@@ -323,6 +324,7 @@ class SAMSModule(BaseModuleClass):
             n_particles = out["z_basal"].shape[0]
             return {
                 "z_basal": out["z_basal"],
+                "z": out["z"],
                 "basal_mean": basal_mean.expand(n_particles, -1, -1),
                 "offset": out["offset"],
                 "library": out["library"],
@@ -356,9 +358,11 @@ class SAMSModule(BaseModuleClass):
         row_of = torch.zeros(n_cells, table.shape[-1], dtype=torch.long, device=elbo.device)
         row_of[branches["cells"], branches["branch"]] = torch.arange(len(branches["cells"]), device=elbo.device)
         rows = row_of.gather(1, drawn.T).T  # (S, n)
-        z_basal = out["z_basal"].gather(1, rows[..., None].expand(-1, -1, out["z_basal"].shape[-1]))
+        index = rows[..., None].expand(-1, -1, out["z_basal"].shape[-1])
+        z_basal = out["z_basal"].gather(1, index)
         return {
             "z_basal": z_basal,
+            "z": out["z"].gather(1, index),
             "basal_mean": cell_mean(self.basal_mean(out)),
             "offset": cell_mean(out["offset"]),
             "library": tensors[SAMS_REGISTRY_KEYS.X_KEY].sum(-1).to(z_basal.device),

@@ -1,5 +1,6 @@
-"""Plots of :mod:`sams_scvi` results."""
+"""Plots of :mod:`sams_scvi` results, with scanpy's arguments (``ax``, ``show``, ``save``, ``return_fig``)."""
 
 from ._ate import ate_scatter
+from ._discovery import ate_intervals, mechanism_heatmap, screen_volcano, training_history
 
-__all__ = ["ate_scatter"]
+__all__ = ["ate_intervals", "ate_scatter", "mechanism_heatmap", "screen_volcano", "training_history"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from sams_scvi.metrics._ate import _aligned, _pearson
+
+from ._utils import finish, new_axes
 
 
 def ate_scatter(
@@ -15,6 +19,8 @@ def ate_scatter(
     ax=None,
     title: str | None = None,
     show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
 ):
     """Scatter of predicted against observed ATEs (one point per perturbation x gene), with Pearson r.
 
@@ -29,18 +35,18 @@ def ate_scatter(
         Axes title.
     show
         Call ``plt.show()``; default, only when a new figure was made in an interactive session.
+    save
+        Path to write the figure to (the suffix picks the format).
+    return_fig
+        Return the figure instead of the axes.
 
     Returns
     -------
-    The matplotlib axes.
+    The matplotlib axes (or figure).
     """
-    import matplotlib.pyplot as plt
-
     pred, obs, rows = _aligned(predicted, observed, perturbations=None)
     x, y = obs.ravel(), pred.ravel()
-    new_figure = ax is None
-    if new_figure:
-        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax, made_here = new_axes(ax, (4.5, 4.5))
     ax.scatter(x, y, s=6, alpha=0.5, linewidths=0)
     lim = float(np.nanmax(np.abs(np.concatenate([x, y])))) * 1.05 or 1.0
     ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
@@ -49,6 +55,4 @@ def ate_scatter(
     ax.set_xlabel("observed ATE (log2 scale)")
     ax.set_ylabel("predicted ATE (log2 scale)")
     ax.set_title(title or f"{len(rows)} perturbations x {obs.shape[1]} genes, r = {_pearson(x, y):.2f}")
-    if show or (show is None and new_figure and plt.isinteractive()):
-        plt.show()
-    return ax
+    return finish(fig, ax, made_here, show, save, return_fig)

@@ -1,0 +1,156 @@
+"""Decoded expression of observed cells and scvi-tools' differential expression on it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.model.base import RNASeqMixin
+
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+
+from ._utils import _seeded
+
+
+class ExpressionMixin:
+    """``get_normalized_expression`` in scvi-tools' signature, and scvi-tools' own ``differential_expression``.
+
+    scvi-tools' :class:`~scvi.model.base.RNASeqMixin` reads the module's ``forward`` outputs (a ``px``
+    distribution per cell); SAMS-VAE's module returns one row per response pattern under penetrance and needs the
+    globals, so the expression is computed here, and scvi-tools' differential-expression machinery
+    (:meth:`~scvi.model.base.RNASeqMixin.differential_expression`, its change and Bayes-factor modes, FDR control
+    and statistics) runs on it unchanged.
+    """
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Sequence[int | str] | int | str | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        seed: int | None = None,
+        **kwargs,
+    ) -> np.ndarray | pd.DataFrame:
+        r"""Decoded expression of each cell in its own (perturbed) state, as scvi-tools' ``get_normalized_expression``.
+
+        Per sample, the globals are drawn from :math:`q`, the cell's basal state from :math:`q(z_b \mid x)` (and, under
+        penetrance, its response from :math:`q(u \mid x)`), and :math:`z = z_b + d_i (M \odot E)` is decoded into
+        the expression proportions :math:`\rho` (``likelihood="normal"``: the decoded mean, on the data's scale).
+
+        Parameters
+        ----------
+        adata, indices
+            Cells (default: all registered cells).
+        transform_batch
+            Batches to decode every cell in (categories or codes), averaged; default, each cell's own.
+        gene_list
+            Genes to return (default: all).
+        library_size
+            Scale of the proportions (1: proportions; ``"latent"``: the cell's observed library). Not used with
+            ``likelihood="normal"``.
+        n_samples
+            Posterior samples per cell.
+        n_samples_overall
+            Draw this many expression vectors from random cells and samples (``n_samples`` must be 1).
+        weights
+            ``None`` or ``"uniform"``; scvi-tools' importance weights are not available for this model.
+        batch_size
+            Cells per minibatch.
+        return_mean
+            Average over the samples.
+        return_numpy
+            Return an array instead of a DataFrame (always with several samples kept).
+        silent
+            No progress bar (there is none here; for scvi-tools' signature).
+        seed
+            Seed of the sampling (``None``: the global random state).
+
+        Returns
+        -------
+        Cells x genes (DataFrame, or array), or samples x cells x genes without ``return_mean``.
+        """
+        if weights not in (None, "uniform"):
+            raise NotImplementedError(
+                f"{self._display_name} has no importance weights for expression; use weights=None."
+            )
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+            raise ValueError("`n_samples` must be a positive integer.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if n_samples_overall is not None:
+            if n_samples != 1:
+                raise ValueError("Pass either `n_samples` or `n_samples_overall`.")
+            n_samples = n_samples_overall // max(len(positions), 1) + 1
+        batches = self._batch_codes(adata, transform_batch)
+        genes = self._gene_names
+        gene_mask = np.ones(len(genes), bool) if gene_list is None else genes.isin(list(gene_list))
+        blocks = []
+        with _seeded(seed, self.device):
+            for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
+                globals_ = self.module.sample_globals(n_samples, with_kl=False)
+                out = self.module.infer_cells(tensors, globals_)
+                covariates = self.module.covariate_codes(tensors)
+                per_batch = []
+                for batch in batches:
+                    codes = covariates
+                    if batch is not None:
+                        codes = covariates.clone()
+                        codes[:, 0] = batch
+                    library = out["library"] if library_size == "latent" else torch.ones_like(out["library"])
+                    gen = self.module.generative(out["z"], library, codes, design=self._cell_design(tensors))
+                    if self.module.likelihood == "normal":
+                        values = gen["mean"]
+                    else:
+                        values = gen["mu"] if library_size == "latent" else gen["rho"] * float(library_size)
+                    per_batch.append(values[..., gene_mask])
+                blocks.append(torch.stack(per_batch).mean(0).cpu().numpy())  # (S, n, G)
+        values = np.concatenate(blocks, axis=1)
+        if n_samples_overall is not None:
+            flat = values.reshape(-1, values.shape[-1])
+            return flat[np.random.choice(len(flat), n_samples_overall, replace=True)]
+        if return_mean:
+            values = values.mean(0)
+        elif n_samples == 1:
+            values = values[0]
+        else:
+            return values
+        if return_numpy:
+            return values
+        return pd.DataFrame(values, index=adata.obs_names[positions], columns=genes[gene_mask])
+
+    def _cell_design(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(self.device)
+
+    def _batch_codes(self, adata: AnnData, transform_batch) -> list[int | None]:
+        """Batch codes for ``transform_batch`` (categories or codes); ``[None]`` keeps each cell's own batch."""
+        if transform_batch is None:
+            return [None]
+        if SAMS_REGISTRY_KEYS.BATCH_KEY not in self.adata_manager.data_registry:
+            raise ValueError("`transform_batch` needs a model set up with `batch_key`.")
+        mapping = list(self.adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+        values = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        codes = []
+        for value in values:
+            if value in mapping:
+                codes.append(mapping.index(value))
+            elif isinstance(value, int | np.integer) and 0 <= value < len(mapping):
+                codes.append(int(value))
+            else:
+                raise ValueError(f"Unknown batch {value!r}; the model's batches are {mapping}.")
+        return codes
+
+    differential_expression = RNASeqMixin.differential_expression

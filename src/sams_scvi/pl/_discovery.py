@@ -1,0 +1,176 @@
+"""Plots of the learned mechanisms, of ATEs with their intervals, of a combination screen and of training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._utils import finish, new_axes
+
+
+def mechanism_heatmap(
+    mechanisms: AnnData,
+    layer: str | None = None,
+    ax=None,
+    cmap: str = "RdBu_r",
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Heatmap of each perturbation's latent shift (or mask probability), perturbations grouped by module.
+
+    Parameters
+    ----------
+    mechanisms
+        Output of :meth:`~sams_scvi.SAMSVAE.get_mechanisms`.
+    layer
+        ``None``: the effective shifts (``X``); ``"mask_probability"`` or ``"point_shift"``.
+    ax, show, save, return_fig
+        As in scanpy: axes to draw into, show the figure, path to save it to, return the figure.
+    """
+    values = mechanisms.X if layer is None else mechanisms.layers[layer]
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(mechanisms.obs["module"].cat.codes.to_numpy(), kind="stable")
+    fig, ax, made_here = new_axes(ax, (0.35 * mechanisms.n_vars + 2.5, 0.25 * mechanisms.n_obs + 1.5))
+    if layer == "mask_probability":
+        image = ax.imshow(values[order], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        limit = float(np.abs(values).max()) or 1.0
+        image = ax.imshow(values[order], aspect="auto", cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_yticks(range(mechanisms.n_obs), mechanisms.obs_names[order], fontsize=7)
+    ax.set_xticks(range(mechanisms.n_vars), [name.replace("latent_", "") for name in mechanisms.var_names], fontsize=7)
+    ax.set_xlabel("latent dimension")
+    modules = mechanisms.obs["module"].to_numpy()[order]
+    for boundary in np.flatnonzero(modules[1:] != modules[:-1]):
+        ax.axhline(boundary + 0.5, color="black", lw=0.8)
+    fig.colorbar(image, ax=ax, label="mask probability" if layer == "mask_probability" else "latent shift")
+    return finish(fig, ax, made_here, show, save, return_fig)
+
+
+def ate_intervals(
+    ate: AnnData,
+    genes: Sequence[str],
+    perturbations: Sequence[str] | None = None,
+    observed: AnnData | pd.DataFrame | None = None,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Predicted ATEs of a few genes with their intervals, per perturbation (and the observed ATE if given).
+
+    Parameters
+    ----------
+    ate
+        Output of :meth:`~sams_scvi.SAMSVAE.estimate_ate` or :func:`~sams_scvi.ensemble_ate` (layers
+        ``ci_lower`` and ``ci_upper``).
+    genes
+        Genes to show, one group of points each.
+    perturbations
+        Perturbations to show (default: all rows of ``ate``).
+    observed
+        Observed ATEs (e.g. :func:`sams_scvi.metrics.observed_ate`), drawn as crosses.
+    ax, show, save, return_fig
+        As in scanpy.
+    """
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    missing = [g for g in genes if g not in ate.var_names]
+    if missing:
+        raise ValueError(f"Genes {missing} are not in the ATE table.")
+    if "ci_lower" not in ate.layers:
+        raise ValueError("`ate` has no intervals; pass the output of estimate_ate or ensemble_ate.")
+    perturbations = list(ate.obs_names) if perturbations is None else list(perturbations)
+    observed_table = observed.to_df() if isinstance(observed, AnnData) else observed
+    fig, ax, made_here = new_axes(ax, (max(4.0, 0.5 * len(genes) * len(perturbations) ** 0.5 + 2), 3.5))
+    width = 0.8 / max(len(perturbations), 1)
+    for j, perturbation in enumerate(perturbations):
+        row = ate.obs_names.get_loc(perturbation)
+        columns = [ate.var_names.get_loc(g) for g in genes]
+        x = np.arange(len(genes)) - 0.4 + width * (j + 0.5)
+        centre = ate.X[row, columns]
+        lower, upper = ate.layers["ci_lower"][row, columns], ate.layers["ci_upper"][row, columns]
+        points = ax.errorbar(
+            x, centre, yerr=[centre - lower, upper - centre], fmt="o", ms=4, capsize=2, label=perturbation
+        )
+        if observed_table is not None and perturbation in observed_table.index:
+            ax.plot(x, observed_table.loc[perturbation, genes].to_numpy(), "x", color=points[0].get_color(), ms=6)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(genes)), genes, rotation=45 if len(genes) > 4 else 0)
+    level = ate.uns.get("credible_level")
+    ax.set_ylabel("ATE" + (f" ({int(round(100 * level))} % interval)" if level else ""))
+    ax.legend(fontsize=7, frameon=False, ncols=1 + len(perturbations) // 8)
+    return finish(fig, ax, made_here, show, save, return_fig)
+
+
+def screen_volcano(
+    screen: AnnData,
+    n_labels: int = 10,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Each screened pair's predicted effect against its non-additivity, coloured by credible non-additive genes.
+
+    Parameters
+    ----------
+    screen
+        Output of :meth:`~sams_scvi.SAMSVAE.screen_combinations`.
+    n_labels
+        Label the pairs ranked first.
+    ax, show, save, return_fig
+        As in scanpy.
+    """
+    obs = screen.obs
+    fig, ax, made_here = new_axes(ax, (5.0, 4.0))
+    points = ax.scatter(
+        obs["effect_norm"], obs["non_additivity_norm"], c=obs["n_credible_non_additive"], cmap="viridis", s=18
+    )
+    for label, row in obs.iloc[:n_labels].iterrows():
+        ax.annotate(
+            label,
+            (row["effect_norm"], row["non_additivity_norm"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("predicted effect (root mean square ATE)")
+    ax.set_ylabel("non-additivity (root mean square)")
+    fig.colorbar(points, ax=ax, label="genes with credible non-additivity")
+    return finish(fig, ax, made_here, show, save, return_fig)
+
+
+def training_history(
+    model,
+    keys: Sequence[str] = ("elbo_train", "elbo_validation"),
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Curves of a trained model's ``history`` (default: the training and validation ELBO per epoch).
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    keys
+        Entries of ``model.history`` to draw; missing ones are skipped.
+    ax, show, save, return_fig
+        As in scanpy.
+    """
+    history = getattr(model, "history", None) or {}
+    present = [key for key in keys if key in history and len(history[key])]
+    if not present:
+        raise ValueError(f"The model's history has none of {list(keys)}; it has {sorted(history)}.")
+    fig, ax, made_here = new_axes(ax, (5.0, 3.5))
+    for key in present:
+        series = history[key].iloc[:, 0]
+        ax.plot(series.index.to_numpy(), series.to_numpy(), label=key, marker="." if len(series) < 30 else None)
+    ax.set_xlabel("epoch")
+    ax.legend(frameon=False)
+    return finish(fig, ax, made_here, show, save, return_fig)
