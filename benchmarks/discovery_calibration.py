@@ -13,8 +13,9 @@ default model is trained on the singles; then, against the truth:
   find the pairs that depart most from additivity?), and the coverage of the non-additivity intervals;
 * the additive baseline of the data (each pair predicted by the sum of its singles' observed ATEs), on the same
   pairs;
-* a bootstrap ensemble (``bootstrap_models``, 5 models on resampled cells, ``ensemble_ate``): coverage of its
-  intervals for the singles and the pairs, and the median of |error| / total sd.
+* a bootstrap ensemble (``bootstrap_models``, 5 models on resampled cells, ``ensemble_ate`` and
+  ``ensemble_screen``): coverage of its intervals for the singles, the pairs and the non-additivity, and the median
+  of |error| / total sd.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def run(seed: int, epochs: int) -> dict:
         row[f"ensemble_{part}_abs_z_median"] = float(
             np.median(np.abs(ensemble.X[rows_] - true) / ensemble.layers["total_sd"][rows_])
         )
+
+    ensemble_screen = sams_scvi.ensemble_screen(models, pairs, n_samples=2000, credible_level=LEVEL, progress_bar=False)
+    ensemble_screen = ensemble_screen[labels]  # the single model's order
+    predicted = ensemble_screen.layers["non_additivity"]
+    row["ensemble_non_additivity_r"] = float(np.corrcoef(predicted.ravel(), true_non_additivity.ravel())[0, 1])
+    row["ensemble_non_additivity_coverage"] = coverage(
+        true_non_additivity,
+        ensemble_screen.layers["non_additivity_lower"],
+        ensemble_screen.layers["non_additivity_upper"],
+    )
+    row["ensemble_non_additivity_rank_spearman"] = float(
+        stats.spearmanr(ensemble_screen.obs["non_additivity_norm"], true_norm)[0]
+    )
 
     observed = metrics.observed_ate(adata, perturbations=names).to_df()
     additive = observed.loc[a].to_numpy() + observed.loc[b].to_numpy()

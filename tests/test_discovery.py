@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scvi
 import torch
 
 import sams_scvi
@@ -127,6 +128,18 @@ def test_gene_programs_are_decoder_responses(known):
         expected = decode(moved, torch.ones(50))["mean"].mean(0) - decode(basal, torch.ones(50))["mean"].mean(0)
     np.testing.assert_allclose(pivot.loc["latent_2", known.adata.var_names], expected.numpy(), rtol=1e-4, atol=1e-6)
     assert (top.groupby("latent")["effect"].apply(lambda e: e.abs().is_monotonic_decreasing)).all()
+
+    acting = known.get_perturbation_programs(n_top_genes=3, n_cells=50)
+    assert acting.groupby("perturbation").size().to_dict() == {"p0": 6, "p1": 3, "p2": 3, "p3": 3, "p4": 3}
+    first = acting.iloc[0]  # p0 acts most through latent_0 (shift 2.0): its control states moved by 2.0 there
+    assert (first.perturbation, first.latent, first["rank"]) == ("p0", "latent_0", 1)
+    with torch.no_grad():
+        moved = basal.clone()
+        moved[:, 0] += 2.0
+        expected = decode(moved, torch.ones(50))["mean"].mean(0) - decode(basal, torch.ones(50))["mean"].mean(0)
+    gene = known.adata.var_names.get_loc(first.gene)
+    assert first.effect == pytest.approx(float(expected[gene]), rel=1e-4)
+    assert abs(first.effect) == pytest.approx(float(expected.abs().max()), rel=1e-4)
 
 
 def test_program_enrichment_finds_a_planted_set():
@@ -259,6 +272,15 @@ def test_bootstrap_ensemble(tmp_path):
         ensemble.layers["ci_upper"] - ensemble.X, 2.920 * total, rtol=1e-3, atol=1e-5
     )  # t quantile 0.95, 2 df
     assert ensemble.uns["n_models"] == 3
+
+    screen = sams_scvi.ensemble_screen(models, ["p0+p1", "p1+p2"], n_samples=100, progress_bar=False)
+    singles = [m.screen_combinations(["p0+p1", "p1+p2"], n_samples=100, progress_bar=False) for m in models]
+    for layer in (None, "non_additivity"):
+        stacked = np.stack([(s_.to_df(layer).loc[screen.obs_names]).to_numpy() for s_ in singles])
+        values = screen.X if layer is None else screen.layers[layer]
+        np.testing.assert_allclose(values, stacked.mean(0), rtol=1e-5, atol=1e-6)
+    assert screen.obs["non_additivity_norm"].is_monotonic_decreasing and screen.uns["n_models"] == 3
+    np.testing.assert_allclose(screen.X - screen.layers["additive"], screen.layers["non_additivity"], atol=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         sams_scvi.bootstrap_models(adata, n_models=1)
     with pytest.raises(ValueError, match="datasplitter_kwargs"):
@@ -285,6 +307,9 @@ def test_plots(known, gaussian_screen, tmp_path):
     with pytest.raises(ValueError, match="not in the ATE"):
         sams_scvi.pl.ate_intervals(ate, ["nope"], show=False)
 
+    ax = sams_scvi.pl.ate_scatter(ate, {"train": observed, "test": observed.to_df().iloc[:1]}, show=False)
+    assert len(ax.collections) == 2 and [t.get_text()[:6] for t in ax.get_legend().get_texts()] == ["train:", "test: "]
+
     screen = known.screen_combinations(n_samples=100, progress_bar=False)
     ax = sams_scvi.pl.screen_volcano(screen, n_labels=3, show=False)
     assert len(ax.texts) == 3 and ax.texts[0].get_text() == screen.obs_names[0]
@@ -295,6 +320,10 @@ def test_plots(known, gaussian_screen, tmp_path):
     assert [line.get_label() for line in ax.get_lines()] == ["elbo_train", "elbo_validation"]
     with pytest.raises(ValueError, match="history"):
         sams_scvi.pl.training_history(model, keys=["nothing"], show=False)
+    obs_before = known.adata.obs.copy()
+    ax = sams_scvi.pl.latent_umap(known, indices=np.arange(150), n_neighbors=5, show=False)
+    assert len(ax.collections) >= 1 and ax.get_title() == "perturbation"
+    pd.testing.assert_frame_equal(known.adata.obs, obs_before)  # nothing written into the user's AnnData
     plt.close("all")
 
 
@@ -335,3 +364,115 @@ def test_normalized_expression_and_scvi_differential_expression():
 
     assert spearmanr(de["lfc_mean"], truth)[0] > 0.6
     assert spearmanr(de["proba_de"], truth.abs())[0] > 0.3
+
+
+def train_default(adata, n_latent: int, max_epochs: int, seed: int = 0) -> sams_scvi.SAMSVAE:
+    scvi.settings.seed = seed
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=n_latent, n_hidden=64)
+    model.train(max_epochs=max_epochs, enable_progress_bar=False, check_val_every_n_epoch=max_epochs)
+    return model
+
+
+def test_planted_modules_are_recovered():
+    """Three modules of three perturbations, each module acting on its own two latent dimensions."""
+    from sklearn.metrics import adjusted_rand_score
+
+    mask, embedding = np.zeros((9, 6)), np.zeros((9, 6))
+    for t in range(9):
+        module = t // 3
+        mask[t, 2 * module : 2 * module + 2] = 1
+        embedding[t, 2 * module : 2 * module + 2] = (2.5 + 0.5 * (t % 3)) * np.array([1.0, -1.0])
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=9,
+        n_genes=60,
+        n_latent=6,
+        mask=mask,
+        embedding=embedding,
+        n_cells_per_perturbation=100,
+        n_control_cells=300,
+        n_ate_samples=100,
+    )
+    model = train_default(adata, n_latent=6, max_epochs=100)
+    modules = model.get_mechanisms(module_distance=0.5).obs["module"]
+    assert adjusted_rand_score([t // 3 for t in range(9)], modules.astype(str)) >= 0.8, modules.to_dict()
+
+
+def test_planted_synergy_ranks_first():
+    """p0 and p1 push the same latent dimension: together they leave the range either reaches alone."""
+    mask = np.eye(3)[[0, 0, 1, 2]]
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=4,
+        n_genes=50,
+        n_latent=3,
+        mask=mask,
+        embedding=3.0 * mask,
+        n_cells_per_perturbation=150,
+        n_control_cells=300,
+        combinations=["p0+p1", "p0+p2", "p0+p3", "p1+p2", "p1+p3", "p2+p3"],
+        n_ate_samples=4000,
+    )
+    truth = adata.uns["simulation"]["ate"]
+    pairs = [label for label in truth.index if "+" in label]
+    non_additivity = {
+        pair: np.sqrt(np.mean((truth.loc[pair] - truth.loc[pair.split("+")[0]] - truth.loc[pair.split("+")[1]]) ** 2))
+        for pair in pairs
+    }
+    assert max(non_additivity, key=non_additivity.get) == "p0+p1"  # the planted synergy is the truth's top pair
+    model = train_default(adata, n_latent=3, max_epochs=100)
+    screen = model.screen_combinations(n_samples=1000, progress_bar=False)
+    assert len(screen) == 6 and screen.obs_names[0] == "p0+p1", screen.obs["non_additivity_norm"].to_dict()
+
+
+@pytest.fixture(scope="module")
+def planted_genes():
+    """Counts where p0 raises g0-g4 four-fold and p1 lowers g10-g14 four-fold; nothing else changes."""
+    rng = np.random.default_rng(0)
+    n_genes = 40
+    base = rng.dirichlet(np.full(n_genes, 5.0))
+    labels = ["control"] * 400 + ["p0"] * 300 + ["p1"] * 300
+    fold = {"control": np.ones(n_genes), "p0": np.ones(n_genes), "p1": np.ones(n_genes)}
+    fold["p0"][:5], fold["p1"][10:15] = 4.0, 0.25
+    proportions = np.stack([base * fold[label] / (base * fold[label]).sum() for label in labels])
+    library = rng.lognormal(np.log(2000), 0.3, len(labels))
+    counts = rng.poisson(rng.gamma(10.0, proportions * library[:, None] / 10.0))
+    adata = sc.AnnData(
+        X=counts.astype(np.float32),
+        obs=pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=[f"g{g}" for g in range(n_genes)]),
+    )
+    return train_default(adata, n_latent=4, max_epochs=80)
+
+
+def test_gene_program_of_a_planted_dimension(planted_genes):
+    programs = planted_genes.get_perturbation_programs(n_top_genes=5)
+    for perturbation, planted in {"p0": range(5), "p1": range(10, 15)}.items():
+        rows = programs[programs.perturbation == perturbation]
+        strongest = rows[rows.latent == rows.latent.iloc[0]]  # the dimension carrying most of its shift
+        assert len(set(strongest.gene) & {f"g{g}" for g in planted}) >= 4, strongest
+
+
+def test_differential_expression_finds_planted_genes(planted_genes):
+    de = planted_genes.differential_expression(groupby="perturbation", group1="p0", group2="control", mode="change")
+    found = set(de.sort_values("proba_de", ascending=False).index[:5])
+    assert len(found & {f"g{g}" for g in range(5)}) >= 4, de["proba_de"].head(8)
+    assert (de.loc[[f"g{g}" for g in range(5)], "lfc_mean"] > 1).all()  # four-fold up: log2 fold change near 2
+
+
+def test_bootstrap_intervals_cover_true_effects():
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=4, n_genes=50, n_latent=4, effect_size=3.0, n_cells_per_perturbation=150, n_control_cells=300
+    )
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    models = sams_scvi.bootstrap_models(
+        adata,
+        n_models=5,
+        model_kwargs={"n_latent": 4, "n_hidden": 64},
+        train_kwargs={"max_epochs": 250, "enable_progress_bar": False},
+        progress_bar=False,
+    )
+    labels = ["p0", "p1", "p2", "p3"]
+    ate = sams_scvi.ensemble_ate(models, labels, n_samples=2000, progress_bar=False)
+    truth = adata.uns["simulation"]["ate"].loc[labels, ate.var_names].to_numpy()
+    inside = (truth >= ate.layers["ci_lower"]) & (truth <= ate.layers["ci_upper"])
+    assert 0.8 <= inside.mean() <= 1.0, inside.mean()  # nominal 0.9

@@ -5,7 +5,7 @@ from importlib.metadata import version
 from . import data, metrics, pl, tl
 from ._compare import compare_models, paper_models
 from .metrics import evaluate
-from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus, bootstrap_models, ensemble_ate
+from .model import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus, bootstrap_models, ensemble_ate, ensemble_screen
 from .module import SAMSModule
 
 __version__ = version("sams-scvi")
@@ -20,6 +20,7 @@ __all__ = [
     "compare_models",
     "data",
     "ensemble_ate",
+    "ensemble_screen",
     "evaluate",
     "metrics",
     "paper_models",

@@ -23,6 +23,8 @@ def simulate_sams(
     n_hidden: int = 64,
     n_ate_samples: int = 20_000,
     penetrance: float = 1.0,
+    mask: np.ndarray | None = None,
+    embedding: np.ndarray | None = None,
     seed: int = 0,
 ) -> AnnData:
     r"""Simulate a perturbation screen from the SAMS generative model.
@@ -58,6 +60,9 @@ def simulate_sams(
         Probability that a cell responds to each of its perturbations (below 1: cells that escape it keep their
         basal state for that perturbation); ``obs["responded"]`` records whether a cell responded to all of its
         perturbations, and the true ATEs average over responders and escapers.
+    mask, embedding
+        The true mask (0/1) and embeddings, each ``(n_perturbations, n_latent)``, to plant a structure (e.g.
+        modules of perturbations sharing dimensions); default, drawn as above.
     seed
         Random seed.
 
@@ -69,8 +74,10 @@ def simulate_sams(
     """
     rng = np.random.default_rng(seed)
     names = [f"p{t}" for t in range(n_perturbations)]
-    mask = _true_mask(rng, n_perturbations, n_latent, mask_prob)
-    embedding = effect_size * rng.choice([-1.0, 1.0], size=(n_perturbations, n_latent))
+    drawn_mask = _true_mask(rng, n_perturbations, n_latent, mask_prob)
+    drawn_embedding = effect_size * rng.choice([-1.0, 1.0], size=(n_perturbations, n_latent))
+    mask = drawn_mask if mask is None else _planted(mask, "mask", (n_perturbations, n_latent)).astype(int)
+    embedding = drawn_embedding if embedding is None else _planted(embedding, "embedding", (n_perturbations, n_latent))
     shift = mask * embedding
 
     w1 = rng.normal(0, 1 / np.sqrt(n_latent), (n_latent, n_hidden))
@@ -229,6 +236,13 @@ def _screen_anndata(x, obs: dict, names: list[str], mask, embedding, means: dict
         "ate": ate,
     }
     return adata
+
+
+def _planted(values, name: str, shape: tuple[int, int]) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if values.shape != shape:
+        raise ValueError(f"`{name}` must have shape (n_perturbations, n_latent) = {shape}, not {values.shape}.")
+    return values
 
 
 def _true_mask(rng: np.random.Generator, n_perturbations: int, n_latent: int, mask_prob: float) -> np.ndarray:

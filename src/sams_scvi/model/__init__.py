@@ -1,7 +1,7 @@
 """User-facing models of :mod:`sams_scvi`: SAMS-VAE and the paper's comparison models."""
 
 from ._base import BasePerturbationModel, default_max_epochs
-from ._ensemble import bootstrap_models, ensemble_ate
+from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
 from ._training_plan import SAMSTrainingPlan
 
@@ -15,4 +15,5 @@ __all__ = [
     "bootstrap_models",
     "default_max_epochs",
     "ensemble_ate",
+    "ensemble_screen",
 ]

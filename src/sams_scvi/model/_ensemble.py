@@ -109,42 +109,109 @@ def ensemble_ate(
     ``"posterior_sd"`` (root mean posterior variance), ``"total_sd"``, ``"ci_lower"``, ``"ci_upper"`` and
     ``"mc_se"`` (of the mean), and ``uns["n_models"]``.
     """
-    if len(models) < 2:
-        raise ValueError("`ensemble_ate` needs at least two models.")
-    if not 0 < credible_level < 1:
-        raise ValueError("`credible_level` must lie strictly between 0 and 1, e.g. 0.9.")
-    genes = models[0]._gene_names
-    if any(not model._gene_names.equals(genes) for model in models[1:]):
-        raise ValueError("The models were trained on different genes; an ensemble needs the same genes in order.")
+    _check_ensemble(models, credible_level)
     estimates = [
         model.estimate_ate(perturbations, progress_bar=False, **kwargs)
         for model in track(models, description="ATEs of the ensemble", disable=not progress_bar)
     ]
-    values = np.stack([e.X for e in estimates]).astype(np.float64)
-    m = len(models)
-    mean = values.mean(0)
-    mc_variance = np.mean([e.layers["mc_se"].astype(np.float64) ** 2 for e in estimates], axis=0)
-    # the spread of the models' estimates less the part their Monte-Carlo noise explains
-    between = np.clip(values.var(0, ddof=1) - mc_variance, 0, None)
-    within = np.mean([e.layers["posterior_sd"].astype(np.float64) ** 2 for e in estimates], axis=0)
-    total = within + (1 + 1 / m) * between
-    half_width = stats.t.ppf(0.5 + credible_level / 2, df=m - 1) * np.sqrt(total)
-    mc_se = np.sqrt(mc_variance / m)
+    pooled = _rubin(
+        [e.X for e in estimates], [e.layers["posterior_sd"] for e in estimates], [e.layers["mc_se"] for e in estimates]
+    )
+    mean, total = pooled["mean"], pooled["total_sd"]
+    half_width = stats.t.ppf(0.5 + credible_level / 2, df=len(models) - 1) * total
     first = estimates[0]
     return AnnData(
         X=mean.astype(np.float32),
         obs=first.obs.copy(),
         var=first.var.copy(),
         layers={
-            "between_model_sd": np.sqrt(between).astype(np.float32),
-            "posterior_sd": np.sqrt(within).astype(np.float32),
-            "total_sd": np.sqrt(total).astype(np.float32),
+            "between_model_sd": pooled["between_model_sd"].astype(np.float32),
+            "posterior_sd": pooled["posterior_sd"].astype(np.float32),
+            "total_sd": total.astype(np.float32),
             "ci_lower": (mean - half_width).astype(np.float32),
             "ci_upper": (mean + half_width).astype(np.float32),
-            "mc_se": mc_se.astype(np.float32),
+            "mc_se": pooled["mc_se"].astype(np.float32),
         },
-        uns={**first.uns, "credible_level": credible_level, "n_models": m},
+        uns={**first.uns, "credible_level": credible_level, "n_models": len(models)},
     )
+
+
+def ensemble_screen(
+    models: Sequence,
+    pairs: Sequence[str] | Sequence[tuple[str, str]] | None = None,
+    rank_by: str = "non_additivity_norm",
+    credible_level: float = 0.9,
+    progress_bar: bool = True,
+    **kwargs,
+) -> AnnData:
+    """:meth:`~sams_scvi.SAMSVAE.screen_combinations` over a bootstrap ensemble, combined as :func:`ensemble_ate`.
+
+    The pairs' ATEs and their non-additivity are averaged over the models, and their intervals combine each model's
+    posterior variance with the variance between models (Rubin's rules, Student t with m - 1 degrees of freedom).
+    Default pairs: the first model's (pairs seen in training but never together). ``**kwargs`` go to
+    ``screen_combinations`` (``n_samples``, ``library_size``, ``basal``, ...). Returns the same AnnData, ranked by
+    ``rank_by``, with ``posterior_sd`` and ``non_additivity_posterior_sd`` holding the total sd.
+    """
+    from ._prediction import screen_table
+
+    _check_ensemble(models, credible_level)
+    pairs = models[0]._screen_pairs(pairs)
+    screens = [
+        model.screen_combinations(pairs, progress_bar=False, **kwargs).copy()
+        for model in track(models, description="Screens of the ensemble", disable=not progress_bar)
+    ]
+    labels = list(screens[0].obs_names.sort_values())
+    screens = [screen[labels] for screen in screens]
+    quantile = stats.t.ppf(0.5 + credible_level / 2, df=len(models) - 1)
+    estimates = {}
+    for prefix, value in (("", None), ("non_additivity_", "non_additivity")):
+        pooled = _rubin(
+            [s.X if value is None else s.layers[value] for s in screens],
+            [s.layers[f"{prefix}posterior_sd"] for s in screens],
+            [s.layers[f"{prefix}mc_se"] for s in screens],
+        )
+        estimates[prefix] = (pooled["mean"], pooled["total_sd"], pooled["mc_se"])
+    first = screens[0]
+    uns = {k: v for k, v in first.uns.items() if k != "rank_by"}
+    return screen_table(
+        list(zip(first.obs["perturbation_a"], first.obs["perturbation_b"], strict=True)),
+        labels,
+        first.var_names,
+        estimates,
+        quantile,
+        rank_by,
+        {**uns, "credible_level": credible_level, "n_models": len(models)},
+    )
+
+
+def _check_ensemble(models: Sequence, credible_level: float) -> None:
+    if len(models) < 2:
+        raise ValueError("An ensemble needs at least two models.")
+    if not 0 < credible_level < 1:
+        raise ValueError("`credible_level` must lie strictly between 0 and 1, e.g. 0.9.")
+    genes = models[0]._gene_names
+    if any(not model._gene_names.equals(genes) for model in models[1:]):
+        raise ValueError("The models were trained on different genes; an ensemble needs the same genes in order.")
+
+
+def _rubin(values: list, posterior_sd: list, mc_se: list) -> dict[str, np.ndarray]:
+    r"""Pool m estimates by Rubin's rules.
+
+    Returns the mean, the between-model sd (less Monte-Carlo noise), the root mean posterior variance, the total sd
+    :math:`\sqrt{\bar W + (1 + 1/m) B}` and the Monte-Carlo se of the mean.
+    """
+    values = np.stack(values).astype(np.float64)
+    m = len(values)
+    mc_variance = np.mean(np.stack(mc_se).astype(np.float64) ** 2, axis=0)
+    between = np.clip(values.var(0, ddof=1) - mc_variance, 0, None)
+    within = np.mean(np.stack(posterior_sd).astype(np.float64) ** 2, axis=0)
+    return {
+        "mean": values.mean(0),
+        "between_model_sd": np.sqrt(between),
+        "posterior_sd": np.sqrt(within),
+        "total_sd": np.sqrt(within + (1 + 1 / m) * between),
+        "mc_se": np.sqrt(mc_variance / m),
+    }
 
 
 def _groups(cells: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:

@@ -238,21 +238,9 @@ class MechanismMixin:
         if n_cells < 1 or not np.isfinite(step) or step == 0:
             raise ValueError("`n_cells` must be positive and `step` a nonzero finite number.")
         n_latent = self.module.n_latent
-        with _seeded(seed, self.device):
-            basal, covariates = self._reference_basal_states(n_cells)
-            moved = basal[:, None, :] + step * torch.eye(n_latent, device=basal.device)  # (n, K, K)
-            z = torch.cat([basal[:, None, :], moved], dim=1)  # (n, 1 + K, K): unmoved first
-            if covariates is not None:
-                covariates = covariates[:, None, :].expand(-1, n_latent + 1, -1)
-            library = torch.ones(z.shape[:2], device=z.device)
-            gen = self.module.generative(z, library, covariates, design=None)
-        if self.module.likelihood == "normal":
-            mean = gen["mean"].mean(0)
-            effect, scale = mean[1:] - mean[:1], "difference of decoded means"
-        else:
-            mean = gen["rho"].mean(0).log2()
-            effect, scale = mean[1:] - mean[:1], "log2 fold change of mean expression"
-        effect = pd.DataFrame(effect.cpu().numpy(), index=_latent_names(n_latent), columns=self._gene_names)
+        steps = step * torch.eye(n_latent, device=self.device)
+        effect, scale = self._step_effects(steps, n_cells, seed)
+        effect = pd.DataFrame(effect, index=_latent_names(n_latent), columns=self._gene_names)
         table = effect.stack().rename("effect").reset_index()
         table.columns = ["latent", "gene", "effect"]
         table["rank"] = table.groupby("latent")["effect"].transform(
@@ -264,6 +252,66 @@ class MechanismMixin:
         table = table.sort_values(["latent", "rank"]).reset_index(drop=True)
         table.attrs["scale"] = scale
         return table
+
+    @torch.inference_mode()
+    def get_perturbation_programs(
+        self, threshold: float = 0.5, n_top_genes: int = 10, n_cells: int = 1000, seed: int | None = 0
+    ) -> pd.DataFrame:
+        """The programs each perturbation acts through: for each of its active dimensions, the genes that move.
+
+        For every active (perturbation, dimension) of :meth:`get_active_dimensions`, the control cells' basal
+        states are moved by the perturbation's own shift along that dimension alone and decoded, as in
+        :meth:`get_gene_programs` (whose unit step reads the decoder near the control cells only; a shift of
+        several units in either direction can move other genes). Returns a tidy table with one row per
+        (perturbation, active dimension, gene), the ``n_top_genes`` largest per dimension: the columns of
+        :meth:`get_active_dimensions`, then ``gene``, ``effect`` and ``rank``.
+        """
+        if n_top_genes < 1:
+            raise ValueError("`n_top_genes` must be a positive integer.")
+        active = self.get_active_dimensions(threshold)
+        if active.empty:
+            return active.assign(gene=pd.Series(dtype=str), effect=pd.Series(dtype=float), rank=pd.Series(dtype=int))
+        dimension = active["latent"].map({name: k for k, name in enumerate(_latent_names(self.module.n_latent))})
+        steps = torch.zeros(len(active), self.module.n_latent, device=self.device)
+        steps[torch.arange(len(active)), torch.as_tensor(dimension.to_numpy())] = torch.as_tensor(
+            active["shift"].to_numpy(), dtype=steps.dtype, device=self.device
+        )
+        effect, scale = self._step_effects(steps, n_cells, seed)
+        ranks = np.argsort(np.argsort(-np.abs(effect), axis=1, kind="stable"), axis=1) + 1
+        rows, genes = np.nonzero(ranks <= n_top_genes)
+        table = active.iloc[rows].reset_index(drop=True)
+        table["gene"] = self._gene_names[genes]
+        table["effect"] = effect[rows, genes]
+        table["rank"] = ranks[rows, genes]
+        table = table.assign(_row=rows).sort_values(["_row", "rank"]).drop(columns="_row").reset_index(drop=True)
+        table.attrs["scale"] = scale
+        return table
+
+    def _step_effects(self, steps: torch.Tensor, n_cells: int, seed: int | None) -> tuple[np.ndarray, str]:
+        """Decoded effect (R, G) of moving reference basal states by each row of ``steps`` (R, K), and its scale.
+
+        Log2 fold change of mean expression proportions (``likelihood="normal"``: difference of decoded means),
+        from up to ``n_cells`` control cells; decoded a few steps at a time to bound memory.
+        """
+        if n_cells < 1:
+            raise ValueError("`n_cells` must be a positive integer.")
+        with _seeded(seed, self.device):
+            basal, covariates = self._reference_basal_states(n_cells)
+        normal = self.module.likelihood == "normal"
+
+        def mean_expression(z: torch.Tensor) -> torch.Tensor:  # (n, R, K) -> (R, G)
+            codes = None if covariates is None else covariates[:, None, :].expand(-1, z.shape[1], -1)
+            gen = self.module.generative(z, torch.ones(z.shape[:2], device=z.device), codes, design=None)
+            return gen["mean"].mean(0) if normal else gen["rho"].mean(0).log2()
+
+        reference = mean_expression(basal[:, None, :])
+        per_chunk = max(1, 2**22 // max(len(basal) * self.module.n_input, 1))
+        effects = [
+            mean_expression(basal[:, None, :] + steps[start : start + per_chunk]) - reference
+            for start in range(0, len(steps), per_chunk)
+        ]
+        scale = "difference of decoded means" if normal else "log2 fold change of mean expression"
+        return torch.cat(effects).cpu().numpy(), scale
 
     def _reference_basal_states(self, n_cells: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Basal posterior means of up to ``n_cells`` random control cells and their covariates, else prior draws."""

@@ -289,8 +289,9 @@ class PredictionMixin:
         Returns
         -------
         AnnData (pairs x genes), rows ranked by ``rank_by``: ``X`` the pair's predicted ATE; ``layers``
-        ``"ci_lower"``, ``"ci_upper"``, ``"additive"`` (the model's :math:`\mathrm{ATE}_a + \mathrm{ATE}_b`),
-        ``"non_additivity"``, ``"non_additivity_lower"`` and ``"non_additivity_upper"``; ``obs`` the ranking table:
+        ``"ci_lower"``, ``"ci_upper"``, ``"posterior_sd"``, ``"mc_se"``, ``"additive"`` (the model's
+        :math:`\mathrm{ATE}_a + \mathrm{ATE}_b`), ``"non_additivity"`` with its ``_lower``, ``_upper``,
+        ``_posterior_sd`` and ``_mc_se``; ``obs`` the ranking table:
         ``perturbation_a``, ``perturbation_b``, ``effect_norm`` and ``non_additivity_norm`` (root mean square over
         genes), ``n_credible_effect`` and ``n_credible_non_additive`` (genes whose interval excludes 0),
         ``top_gene`` and ``top_non_additive_gene`` (largest absolute value).
@@ -313,50 +314,28 @@ class PredictionMixin:
         estimate = self._ate_posterior(
             conditions, contrasts, n_samples, n_posterior_draws, library_size, basal, batch_size, seed, progress_bar
         )
-        z = stats.norm.ppf(0.5 + credible_level / 2)
-        ate, non_additivity = estimate["ate"][:n_pairs], estimate["ate"][n_pairs:]
-        width, non_additivity_width = np.split(z * estimate["posterior_sd"], 2)
-        genes = self._gene_names
-        obs = pd.DataFrame(
+        ate, non_additivity = np.split(estimate["ate"], 2)
+        posterior_sd, non_additivity_sd = np.split(estimate["posterior_sd"], 2)
+        mc_se, non_additivity_mc_se = np.split(estimate["mc_se"], 2)
+        uns = {
+            "control": state["control_value"],
+            "n_samples": estimate["n_samples"],
+            "n_posterior_draws": estimate["n_draws"],
+            "basal": basal,
+            **({} if self.module.likelihood == "normal" else {"library_size": estimate["library_size"]}),
+        }
+        return screen_table(
+            pairs,
+            labels,
+            self._gene_names,
             {
-                "perturbation_a": [a for a, _ in pairs],
-                "perturbation_b": [b for _, b in pairs],
-                "effect_norm": np.sqrt(np.mean(ate**2, axis=1)),
-                "non_additivity_norm": np.sqrt(np.mean(non_additivity**2, axis=1)),
-                "n_credible_effect": (np.abs(ate) > width).sum(1),
-                "n_credible_non_additive": (np.abs(non_additivity) > non_additivity_width).sum(1),
-                "top_gene": genes[np.abs(ate).argmax(1)],
-                "top_non_additive_gene": genes[np.abs(non_additivity).argmax(1)],
+                "": (ate, posterior_sd, mc_se),
+                "non_additivity_": (non_additivity, non_additivity_sd, non_additivity_mc_se),
             },
-            index=pd.Index(labels, name="perturbation"),
+            stats.norm.ppf(0.5 + credible_level / 2),
+            rank_by,
+            {**uns, "credible_level": credible_level},
         )
-        if rank_by not in obs.columns or not pd.api.types.is_numeric_dtype(obs[rank_by]):
-            numeric = [c for c in obs.columns if pd.api.types.is_numeric_dtype(obs[c])]
-            raise ValueError(f"`rank_by` must be one of {numeric}, not {rank_by!r}.")
-        order = np.argsort(-obs[rank_by].to_numpy(), kind="stable")
-        result = AnnData(
-            X=ate.astype(np.float32),
-            obs=obs,
-            var=pd.DataFrame(index=genes.copy()),
-            layers={
-                "ci_lower": (ate - width).astype(np.float32),
-                "ci_upper": (ate + width).astype(np.float32),
-                "additive": (ate - non_additivity).astype(np.float32),
-                "non_additivity": non_additivity.astype(np.float32),
-                "non_additivity_lower": (non_additivity - non_additivity_width).astype(np.float32),
-                "non_additivity_upper": (non_additivity + non_additivity_width).astype(np.float32),
-            },
-            uns={
-                "control": state["control_value"],
-                "rank_by": rank_by,
-                "credible_level": credible_level,
-                "n_samples": estimate["n_samples"],
-                "n_posterior_draws": estimate["n_draws"],
-                "basal": basal,
-                **({} if self.module.likelihood == "normal" else {"library_size": estimate["library_size"]}),
-            },
-        )
-        return result[order].copy()
 
     def _screen_pairs(self, pairs) -> list[tuple[str, str]]:
         """Pairs as (a, b) tuples of known perturbations; default, seen ones never registered together."""
@@ -555,6 +534,62 @@ class PredictionMixin:
         if self.adata is None or key not in self.adata.obs:
             return pd.Series(dtype=int)
         return self.adata.obs[key].astype(str).str.strip().value_counts()
+
+
+def screen_table(
+    pairs: list[tuple[str, str]],
+    labels: list[str],
+    genes: pd.Index,
+    estimates: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    quantile: float,
+    rank_by: str,
+    uns: dict,
+) -> AnnData:
+    """The AnnData of :meth:`PredictionMixin.screen_combinations`, ranked by ``rank_by``.
+
+    ``estimates`` maps ``""`` (the pairs' ATEs) and ``"non_additivity_"`` to (value, sd, Monte-Carlo se), each
+    (pairs, genes); intervals are value ± ``quantile`` x sd.
+    """
+    ate, sd, mc_se = estimates[""]
+    non_additivity, non_additivity_sd, non_additivity_mc_se = estimates["non_additivity_"]
+    width, non_additivity_width = quantile * sd, quantile * non_additivity_sd
+    obs = pd.DataFrame(
+        {
+            "perturbation_a": [a for a, _ in pairs],
+            "perturbation_b": [b for _, b in pairs],
+            "effect_norm": np.sqrt(np.mean(ate**2, axis=1)),
+            "non_additivity_norm": np.sqrt(np.mean(non_additivity**2, axis=1)),
+            "n_credible_effect": (np.abs(ate) > width).sum(1),
+            "n_credible_non_additive": (np.abs(non_additivity) > non_additivity_width).sum(1),
+            "top_gene": genes[np.abs(ate).argmax(1)],
+            "top_non_additive_gene": genes[np.abs(non_additivity).argmax(1)],
+        },
+        index=pd.Index(labels, name="perturbation"),
+    )
+    if rank_by not in obs.columns or not pd.api.types.is_numeric_dtype(obs[rank_by]):
+        numeric = [c for c in obs.columns if pd.api.types.is_numeric_dtype(obs[c])]
+        raise ValueError(f"`rank_by` must be one of {numeric}, not {rank_by!r}.")
+    order = np.argsort(-obs[rank_by].to_numpy(), kind="stable")
+    layers = {
+        "ci_lower": ate - width,
+        "ci_upper": ate + width,
+        "posterior_sd": sd,
+        "mc_se": mc_se,
+        "additive": ate - non_additivity,
+        "non_additivity": non_additivity,
+        "non_additivity_lower": non_additivity - non_additivity_width,
+        "non_additivity_upper": non_additivity + non_additivity_width,
+        "non_additivity_posterior_sd": non_additivity_sd,
+        "non_additivity_mc_se": non_additivity_mc_se,
+    }
+    result = AnnData(
+        X=ate.astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=genes.copy()),
+        layers={name: np.asarray(value, dtype=np.float32) for name, value in layers.items()},
+        uns={**uns, "rank_by": rank_by},
+    )
+    return result[order].copy()
 
 
 def _half_segments(start: int, stop: int, per_draw: int, bounds: tuple[int, int, int]):

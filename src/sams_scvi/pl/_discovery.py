@@ -174,3 +174,52 @@ def training_history(
     ax.set_xlabel("epoch")
     ax.legend(frameon=False)
     return finish(fig, ax, made_here, show, save, return_fig)
+
+
+def latent_umap(
+    model,
+    adata: AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    representation: str = "basal",
+    color: str | Sequence[str] | None = None,
+    n_neighbors: int = 15,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+    **kwargs,
+):
+    """UMAP of the cells' latent states (:meth:`~sams_scvi.SAMSVAE.get_latent`), coloured by perturbation.
+
+    Computed with scanpy on a copy of the cells' ``obs`` (the user's AnnData is not changed) and drawn with
+    :func:`scanpy.pl.umap`.
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    adata, indices
+        Cells (default: the registered ones).
+    representation
+        ``"basal"`` (the state without the perturbation: perturbations should mix) or ``"perturbed"``.
+    color
+        ``obs`` columns to colour by; default, the perturbation label.
+    n_neighbors
+        Neighbours of the kNN graph.
+    ax, show, save, return_fig
+        As in scanpy.
+    **kwargs
+        Passed to :func:`scanpy.pl.umap`.
+    """
+    import scanpy as sc
+
+    adata = model.adata if adata is None else adata
+    positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    latent = model.get_latent(adata, indices=positions, representation=representation)
+    cells = AnnData(obs=adata.obs.iloc[positions].copy(), obsm={"X_latent": latent})
+    sc.pp.neighbors(cells, use_rep="X_latent", n_neighbors=n_neighbors)
+    sc.tl.umap(cells)
+    fig, ax, made_here = new_axes(ax, (5.0, 4.5))
+    color = model.registry_["setup_args"]["perturbation_key"] if color is None else color
+    sc.pl.umap(cells, color=color, ax=ax, show=False, **kwargs)
+    return finish(fig, ax, made_here, show, save, return_fig)
