@@ -30,6 +30,7 @@ import pandas as pd
 import scvi
 import torch
 from _markdown import markdown_table
+from _runs import rows_by_seed
 from scipy import stats
 
 import sams_scvi
@@ -136,13 +137,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the output's .csv")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    csv = args.output.with_suffix(".csv")
-    rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame(columns=["seed"])
-    for seed in args.seeds:
-        if seed in set(rows["seed"]):
-            continue
-        rows = pd.concat([rows, pd.DataFrame([run(seed, args.epochs)])], ignore_index=True)
-        rows.to_csv(csv, index=False)
+    rows = rows_by_seed(args.output.with_suffix(".csv"), args.seeds, lambda seed: run(seed, args.epochs), args.resume)
     numeric = rows.drop(columns="seed").astype(float)
     per_seed = {f"seed {int(seed)}": numeric.iloc[i] for i, seed in enumerate(rows["seed"])}
     summary = pd.DataFrame({"mean": numeric.mean(), "sd": numeric.std(), **per_seed})

@@ -25,6 +25,7 @@ import pandas as pd
 import scvi
 import torch
 from _markdown import markdown_table
+from _runs import rows_by_seed
 
 import sams_scvi
 from sams_scvi import metrics
@@ -80,13 +81,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the output's .csv")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    csv = args.output.with_suffix(".csv")
-    rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame(columns=["seed"])
-    for seed in args.seeds:
-        if seed in set(rows["seed"]):
-            continue
-        rows = pd.concat([rows, pd.DataFrame([run(seed, args.epochs)])], ignore_index=True)
-        rows.to_csv(csv, index=False)
+    rows = rows_by_seed(args.output.with_suffix(".csv"), args.seeds, lambda seed: run(seed, args.epochs), args.resume)
     text = [
         "# Mechanisms of a known pathway on ECCITE-seq",
         "",
