@@ -232,7 +232,7 @@ def bench_shape(shape: Shape, device: torch.device, warmup: int, steps: int, see
     # warm-up: the first negative-binomial draws after installing or editing the sampler compile its kernels
     # (numba, ~10-20 s, then cached on disk): a one-off cost, not part of the timings
     model.predict_perturbation(perturbations=predict_labels[:1], indices=controls[:2], n_samples=1, progress_bar=False)
-    model.estimate_ate(perturbations=predict_labels[:1], n_samples=1, progress_bar=False)
+    model.estimate_ate(perturbations=predict_labels[:1], n_samples=4, progress_bar=False)
     for measurement, call in calls.items():
         reset_peak(device)
         ms = timed(call, device)

@@ -76,6 +76,8 @@ def simulate_sams(
     names = [f"p{t}" for t in range(n_perturbations)]
     drawn_mask = _true_mask(rng, n_perturbations, n_latent, mask_prob)
     drawn_embedding = effect_size * rng.choice([-1.0, 1.0], size=(n_perturbations, n_latent))
+    if mask is not None and not np.isin(np.asarray(mask), (0, 1)).all():
+        raise ValueError("A planted `mask` holds 0 and 1 only.")
     mask = drawn_mask if mask is None else _planted(mask, "mask", (n_perturbations, n_latent)).astype(int)
     embedding = drawn_embedding if embedding is None else _planted(embedding, "embedding", (n_perturbations, n_latent))
     shift = mask * embedding

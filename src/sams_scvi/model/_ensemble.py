@@ -60,6 +60,8 @@ def bootstrap_models(
     manager = model_cls._get_most_recent_anndata_manager(adata, required=True)
     labels = adata.obs[manager.registry["setup_args"]["perturbation_key"]].astype(str).to_numpy()
     cells = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    if cells.dtype == bool:
+        cells = np.flatnonzero(cells)
     rng = np.random.default_rng(seed)
     empty = np.array([], dtype=np.int64)
     models = []
@@ -86,7 +88,7 @@ def ensemble_ate(
     With :math:`m` models, ATE estimates :math:`\hat a_b` and posterior variances :math:`W_b`
     (:meth:`~sams_scvi.SAMSVAE.estimate_ate`), the ATE is the mean :math:`\bar a`, and its variance, by Rubin's
     rules, :math:`T = \bar W + (1 + 1/m) B` with :math:`B` the variance of the :math:`\hat a_b` across models (less
-    their mean squared Monte-Carlo error, which would inflate it). The
+    their mean squared Monte-Carlo error, which would inflate it), plus the Monte-Carlo error of the mean. The
     interval is :math:`\bar a \pm t_{m-1} \sqrt{T}` (Student's t with :math:`m - 1` degrees of freedom).
     Coverage on simulations with known ATEs is in ``docs/discovery.md``.
 
@@ -110,6 +112,8 @@ def ensemble_ate(
     ``"mc_se"`` (of the mean), and ``uns["n_models"]``.
     """
     _check_ensemble(models, credible_level)
+    if perturbations is None:  # the same rows from every model
+        perturbations = list(models[0]._perturbation_state["observed_labels"])
     estimates = [
         model.estimate_ate(perturbations, progress_bar=False, **kwargs)
         for model in track(models, description="ATEs of the ensemble", disable=not progress_bar)
@@ -152,9 +156,10 @@ def ensemble_screen(
     ``screen_combinations`` (``n_samples``, ``library_size``, ``basal``, ...). Returns the same AnnData, ranked by
     ``rank_by``, with ``posterior_sd`` and ``non_additivity_posterior_sd`` holding the total sd.
     """
-    from ._prediction import screen_table
+    from ._prediction import check_rank_by, screen_table
 
     _check_ensemble(models, credible_level)
+    check_rank_by(rank_by)
     pairs = models[0]._screen_pairs(pairs)
     screens = [
         model.screen_combinations(pairs, progress_bar=False, **kwargs).copy()
@@ -198,7 +203,7 @@ def _rubin(values: list, posterior_sd: list, mc_se: list) -> dict[str, np.ndarra
     r"""Pool m estimates by Rubin's rules.
 
     Returns the mean, the between-model sd (less Monte-Carlo noise), the root mean posterior variance, the total sd
-    :math:`\sqrt{\bar W + (1 + 1/m) B}` and the Monte-Carlo se of the mean.
+    :math:`\sqrt{\bar W + (1 + 1/m) B + \mathrm{se}^2}` and the Monte-Carlo se of the mean.
     """
     values = np.stack(values).astype(np.float64)
     m = len(values)
@@ -209,7 +214,7 @@ def _rubin(values: list, posterior_sd: list, mc_se: list) -> dict[str, np.ndarra
         "mean": values.mean(0),
         "between_model_sd": np.sqrt(between),
         "posterior_sd": np.sqrt(within),
-        "total_sd": np.sqrt(within + (1 + 1 / m) * between),
+        "total_sd": np.sqrt(within + (1 + 1 / m) * between + mc_variance / m),
         "mc_se": np.sqrt(mc_variance / m),
     }
 

@@ -118,10 +118,10 @@ class ExpressionMixin:
                         values = gen["mu"] if library_size == "latent" else gen["rho"] * float(library_size)
                     per_batch.append(values[..., gene_mask])
                 blocks.append(torch.stack(per_batch).mean(0).cpu().numpy())  # (S, n, G)
-        values = np.concatenate(blocks, axis=1)
-        if n_samples_overall is not None:
-            flat = values.reshape(-1, values.shape[-1])
-            return flat[np.random.choice(len(flat), n_samples_overall, replace=True)]
+            values = np.concatenate(blocks, axis=1)
+            if n_samples_overall is not None:  # inside the seeded block: reproducible with `seed`
+                flat = values.reshape(-1, values.shape[-1])
+                return flat[np.random.choice(len(flat), n_samples_overall, replace=True)]
         if return_mean:
             values = values.mean(0)
         elif n_samples == 1:

@@ -268,6 +268,10 @@ class MechanismMixin:
         """
         if n_top_genes < 1:
             raise ValueError("`n_top_genes` must be a positive integer.")
+        if threshold < 0.5:
+            raise ValueError(
+                "`threshold` must be at least 0.5: below it a dimension's point shift is 0 (mask mode off)."
+            )
         active = self.get_active_dimensions(threshold)
         if active.empty:
             return active.assign(gene=pd.Series(dtype=str), effect=pd.Series(dtype=float), rank=pd.Series(dtype=int))

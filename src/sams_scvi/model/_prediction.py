@@ -22,8 +22,8 @@ _ATE_TARGET_SUM = 1e4
 # samples at the Replogle shape takes 2.1 s per 78 samples in chunks of 2**26 values, 0.8 s in chunks of 2**21);
 # on a GPU large enough to fill it
 _ATE_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
-# samples whose globals estimate_ate draws at once (Replogle shape: 2.3 ms per sample one chunk of 2 samples at a
-# time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
+# samples decoded per draw of the globals block (a block holds as many posterior draws as fit; Replogle shape: 2.3
+# ms per sample one chunk of 2 samples at a time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
 _ATE_BLOCK_SAMPLES = 8
 
 
@@ -178,10 +178,12 @@ class PredictionMixin:
         :math:`(M, E) \sim q`. The ATE given one draw, :math:`\mathrm{ATE}_t(M, E)`, varies over draws with the
         posterior variance :math:`V_t`; the Monte-Carlo noise within a draw does not enter it: :math:`V_t` is the
         covariance, over draws, of the ATEs of the two halves of each group, whose Monte-Carlo noise is independent.
-        The credible interval is :math:`\mathrm{ATE}_t \pm z \sqrt{V_t}` (normal approximation). It describes the
-        uncertainty of the mechanism :math:`(M, E)`, not of the networks (point estimates) or of the penetrance;
-        its coverage on simulations is in ``docs/discovery.md``. ``layers["mc_se"]`` is the Monte-Carlo error of
-        the ATE itself, which more ``n_samples`` shrink; ``posterior_sd`` does not shrink with them.
+        The credible interval is :math:`\mathrm{ATE}_t \pm z \sqrt{V_t + \mathrm{se}_t^2}` (normal approximation,
+        with the Monte-Carlo error :math:`\mathrm{se}_t` of the estimate). It describes the uncertainty of the
+        mechanism :math:`(M, E)`, not of the networks (point estimates) or of the penetrance: on a simulation it
+        covers far less than its nominal rate (``docs/discovery.md``); :func:`~sams_scvi.ensemble_ate` covers.
+        ``layers["mc_se"]`` is the Monte-Carlo error of the ATE itself, which more posterior draws shrink (it is at
+        least about :math:`\sqrt{V_t / \text{draws}}`); ``posterior_sd`` does not shrink with them.
 
         Parameters
         ----------
@@ -189,7 +191,7 @@ class PredictionMixin:
             Labels to evaluate (observed or unseen combinations of known perturbations). Default: every
             non-control label observed in the training data.
         n_samples
-            Monte-Carlo samples (2,500 in the paper), rounded down to a multiple of the posterior draws.
+            Monte-Carlo samples (2,500 in the paper; at least 4), rounded down to a multiple of the posterior draws.
         library_size
             Library size of the sampled counts: ``1e4`` as in the paper, or ``"median"`` for the median observed
             library of the registered cells, which matches shallow data better (``docs/model.md``).
@@ -198,7 +200,7 @@ class PredictionMixin:
         credible_level
             Posterior probability of the credible intervals, in (0, 1).
         n_posterior_draws
-            Draws of the globals (at most ``n_samples // 2``; each needs at least two samples).
+            Draws of the globals (at least 2, at most ``n_samples // 2``: each needs two samples).
         batch_size
             Most samples decoded per chunk; fewer when ``batch_size x (perturbations + 1) x genes`` would exceed
             about 2 million values on CPU (cache-sized chunks are fastest there) or 67 million on a GPU.
@@ -225,7 +227,7 @@ class PredictionMixin:
         estimate = self._ate_posterior(
             perturbations, None, n_samples, n_posterior_draws, library_size, basal, batch_size, seed, progress_bar
         )
-        half_width = stats.norm.ppf(0.5 + credible_level / 2) * estimate["posterior_sd"]
+        half_width = stats.norm.ppf(0.5 + credible_level / 2) * np.hypot(estimate["posterior_sd"], estimate["mc_se"])
         n_cells = self._label_counts()
         obs = pd.DataFrame(
             {"n_cells": [int(n_cells.get(p, 0)) for p in perturbations]},
@@ -297,6 +299,7 @@ class PredictionMixin:
         ``top_gene`` and ``top_non_additive_gene`` (largest absolute value).
         """
         self._check_if_trained(warn=False)
+        check_rank_by(rank_by)
         state = self._perturbation_state
         delimiter = state["delimiter"]
         pairs = self._screen_pairs(pairs)
@@ -341,6 +344,11 @@ class PredictionMixin:
         """Pairs as (a, b) tuples of known perturbations; default, seen ones never registered together."""
         state = self._perturbation_state
         delimiter, vocabulary = state["delimiter"], list(state["vocabulary"])
+        if pairs is None and state.get("encode_combinations", "additive") != "additive":
+            raise ValueError(
+                "This model encodes each combination as a treatment of its own (encode_combinations="
+                f"{state['encode_combinations']!r}): it cannot predict untested pairs. Screen with SAMSVAE."
+            )
         if pairs is None:
             seen = [p for p, n in zip(vocabulary, self.module.train_perturbation_counts.tolist(), strict=True) if n > 0]
             together = set()
@@ -398,8 +406,8 @@ class PredictionMixin:
             raise ValueError("`perturbations` is empty.")
         if basal not in ("prior", "control"):
             raise ValueError("`basal` must be 'prior' or 'control'.")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 2:
-            raise ValueError(f"`n_samples` must be an integer of at least 2, not {n_samples!r}.")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 4:
+            raise ValueError(f"`n_samples` must be an integer of at least 4, not {n_samples!r}.")
         if isinstance(n_posterior_draws, bool) or not isinstance(n_posterior_draws, int | np.integer):
             raise ValueError("`n_posterior_draws` must be a positive integer.")
         if n_posterior_draws < 1:
@@ -409,6 +417,11 @@ class PredictionMixin:
         contrasts = np.eye(len(perturbations)) if contrasts is None else np.asarray(contrasts, dtype=float)
         n_conditions, n_genes = design.shape[0], self.module.n_input
         n_draws = int(min(n_posterior_draws, n_samples // 2))
+        if n_draws < 2:
+            raise ValueError(
+                "The ATE's uncertainty needs at least 2 posterior draws of 2 samples each: pass n_posterior_draws >= 2 "
+                f"and n_samples >= 4 (got {n_posterior_draws} and {n_samples})."
+            )
         per_draw = n_samples // n_draws
         halves = (per_draw // 2, per_draw - per_draw // 2)
         # half h of draw j holds the samples [j * per_draw + bounds[h], j * per_draw + bounds[h + 1])
@@ -536,6 +549,15 @@ class PredictionMixin:
         return self.adata.obs[key].astype(str).str.strip().value_counts()
 
 
+SCREEN_RANKS = ("effect_norm", "non_additivity_norm", "n_credible_effect", "n_credible_non_additive")
+
+
+def check_rank_by(rank_by: str) -> None:
+    """Raise before any sampling when ``rank_by`` is not a numeric column of the screen's table."""
+    if rank_by not in SCREEN_RANKS:
+        raise ValueError(f"`rank_by` must be one of {list(SCREEN_RANKS)}, not {rank_by!r}.")
+
+
 def screen_table(
     pairs: list[tuple[str, str]],
     labels: list[str],
@@ -548,11 +570,12 @@ def screen_table(
     """The AnnData of :meth:`PredictionMixin.screen_combinations`, ranked by ``rank_by``.
 
     ``estimates`` maps ``""`` (the pairs' ATEs) and ``"non_additivity_"`` to (value, sd, Monte-Carlo se), each
-    (pairs, genes); intervals are value ± ``quantile`` x sd.
+    (pairs, genes); intervals are value ± ``quantile`` x sqrt(sd² + se²).
     """
     ate, sd, mc_se = estimates[""]
     non_additivity, non_additivity_sd, non_additivity_mc_se = estimates["non_additivity_"]
-    width, non_additivity_width = quantile * sd, quantile * non_additivity_sd
+    width = quantile * np.hypot(sd, mc_se)
+    non_additivity_width = quantile * np.hypot(non_additivity_sd, non_additivity_mc_se)
     obs = pd.DataFrame(
         {
             "perturbation_a": [a for a, _ in pairs],
@@ -566,9 +589,7 @@ def screen_table(
         },
         index=pd.Index(labels, name="perturbation"),
     )
-    if rank_by not in obs.columns or not pd.api.types.is_numeric_dtype(obs[rank_by]):
-        numeric = [c for c in obs.columns if pd.api.types.is_numeric_dtype(obs[c])]
-        raise ValueError(f"`rank_by` must be one of {numeric}, not {rank_by!r}.")
+    check_rank_by(rank_by)
     order = np.argsort(-obs[rank_by].to_numpy(), kind="stable")
     layers = {
         "ci_lower": ate - width,
