@@ -136,11 +136,12 @@ class ExpressionMixin:
         return tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(self.device)
 
     def _batch_codes(self, adata: AnnData, transform_batch) -> list[int | None]:
-        """Batch codes for ``transform_batch`` (categories or codes); ``[None]`` keeps each cell's own batch."""
+        """Batch codes for ``transform_batch`` (categories or codes); ``[None]`` keeps each cell's own batch.
+
+        scvi-tools registers a batch field for every model (one category without ``batch_key``).
+        """
         if transform_batch is None:
             return [None]
-        if SAMS_REGISTRY_KEYS.BATCH_KEY not in self.adata_manager.data_registry:
-            raise ValueError("`transform_batch` needs a model set up with `batch_key`.")
         mapping = list(self.adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
         values = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
         codes = []

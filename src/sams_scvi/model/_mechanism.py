@@ -235,8 +235,8 @@ class MechanismMixin:
         self._require_shift()
         if n_top_genes is not None and n_top_genes < 1:
             raise ValueError("`n_top_genes` must be a positive integer or None.")
-        if n_cells < 1 or not np.isfinite(step) or step == 0:
-            raise ValueError("`n_cells` must be positive and `step` a nonzero finite number.")
+        if not np.isfinite(step) or step == 0:
+            raise ValueError("`step` must be a nonzero finite number.")
         n_latent = self.module.n_latent
         steps = step * torch.eye(n_latent, device=self.device)
         effect, scale = self._step_effects(steps, n_cells, seed)
