@@ -24,6 +24,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._logging import quiet_dependencies
 from sams_scvi.data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
 from sams_scvi.module import SAMSModule
 
@@ -278,18 +279,19 @@ class BasePerturbationModel(
         # Adam's weight decay drives weights on all-zero inputs into float32 denormals, which are ~5x slower
         # on CPUs (spec §9.4); flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
-        )
+        with quiet_dependencies():
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **trainer_kwargs,
+            )
 
     # ------------------------------------------------------------------ helpers
     @property

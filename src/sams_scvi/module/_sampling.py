@@ -22,11 +22,14 @@ On other devices torch's own samplers are used.
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from sams_scvi._logging import logger
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment
 _ROW_STRIDE = np.uint64(0xD1B54A32D192ED03)  # spreads the rows' seeds before SplitMix64
@@ -355,14 +358,30 @@ def _gene_parameters(theta: torch.Tensor, n_genes: int) -> np.ndarray:
 
 
 class _kernel_threads:
-    """Run numba kernels on as many threads as torch uses (``torch.set_num_threads`` governs both)."""
+    """Run a numba kernel on as many threads as torch uses (``torch.set_num_threads`` governs both).
+
+    The kernels compile on their first call in a new installation (~20 s) and are cached on disk afterwards; that
+    first call is announced, so the pause is not mistaken for a hang.
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
 
     def __enter__(self) -> None:
+        if not self.kernel.signatures and not _compiled_on_disk(self.kernel):
+            logger.info("Compiling the negative-binomial sampler (once per installation, about 20 s).")
         self.previous = numba.get_num_threads()
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
     def __exit__(self, *exc) -> None:
         numba.set_num_threads(self.previous)
+
+
+def _compiled_on_disk(kernel) -> bool:
+    """Whether numba's on-disk cache holds an index for ``kernel`` (a stale one still recompiles; rare)."""
+    cache = getattr(kernel, "_cache", None)
+    index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+    return index is not None and os.path.exists(index)
 
 
 def _kernel_seed() -> int:
@@ -378,7 +397,7 @@ def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Ten
     genes = _gene_parameters(theta, mu.shape[-1])
     mu2d = mu.detach().reshape(-1, mu.shape[-1]).float().contiguous().numpy()
     out = np.empty_like(mu2d)
-    with _kernel_threads():
+    with _kernel_threads(_counts_kernel):
         _counts_kernel(mu2d, genes, _kernel_seed(), out, _TABLES)
     return torch.from_numpy(out).view(mu.shape).to(mu.dtype)
 
@@ -412,5 +431,5 @@ def accumulate_log_normalized(
         raise ValueError("`sums` and `diff_sq` must be contiguous.")
     mu3d = mu.detach().float().contiguous().numpy()
     genes = _gene_parameters(theta, n_genes)
-    with _kernel_threads():
+    with _kernel_threads(_ate_kernel):
         _ate_kernel(mu3d, genes, _kernel_seed(), float(target_sum), sums.numpy(), diff_sq.numpy(), _TABLES)
