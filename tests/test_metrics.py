@@ -59,6 +59,7 @@ def test_ate_metrics_hand_computed():
     doubled = metrics.ate_metrics(2 * observed, observed, top_k=2)
     o = observed.to_numpy().ravel()
     assert doubled["pearson"] == pytest.approx(1.0)
+    assert doubled["slope"] == pytest.approx(2.0) and doubled["slope_top2"] == pytest.approx(2.0)
     assert doubled["r2"] == pytest.approx(1 - (o**2).sum() / ((o - o.mean()) ** 2).sum())
     # top-2 by |observed|: A -> (3, -1), B -> (-4, 2)
     top = np.array([3.0, -1.0, -4.0, 2.0])
@@ -66,7 +67,7 @@ def test_ate_metrics_hand_computed():
 
     flipped = metrics.ate_metrics(-observed, observed, top_k=2)
     assert flipped["pearson"] == pytest.approx(-1.0) and flipped["direction_agreement_top2"] == 0.0
-    assert flipped["pearson_per_perturbation"] == pytest.approx(-1.0)
+    assert flipped["pearson_per_perturbation"] == pytest.approx(-1.0) and flipped["slope"] == pytest.approx(-1.0)
 
     predicted = observed.copy()
     predicted.loc["A", "g2"] = 10.0  # outside A's top-2 genes: top-k metrics unchanged

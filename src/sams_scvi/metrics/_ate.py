@@ -159,6 +159,16 @@ def _r2(pred: np.ndarray, obs: np.ndarray) -> float:
     return float(1 - residual / total) if total > 0 else float("nan")
 
 
+def _slope(pred: np.ndarray, obs: np.ndarray) -> float:
+    """Least-squares slope through the origin of ``pred`` on ``obs``: 1 at full size, below 1 when shrunk."""
+    denominator = float((obs * obs).sum())
+    return float((pred * obs).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def _slope_rows(pred: np.ndarray, obs: np.ndarray) -> list[float]:
+    return [_slope(p, o) for p, o in zip(pred, obs, strict=True)]
+
+
 def _row_pearson(pred: np.ndarray, obs: np.ndarray) -> list[float]:
     """Pearson r of each perturbation (row)."""
     return [_pearson(p, o) for p, o in zip(pred, obs, strict=True)]
@@ -203,7 +213,10 @@ def ate_metrics(
     Pooled over perturbations x genes (the paper's protocol) and averaged per perturbation:
 
     * ``pearson``, ``r2``: all genes, pooled (R² with the observed ATE as truth);
-    * ``pearson_top{k}``, ``r2_top{k}``: each perturbation's ``top_k`` genes by observed ``|ATE|``, pooled;
+    * ``slope``: least-squares slope through the origin of predicted on observed ATE, pooled (1: full size; a
+      shrunk prediction can have a high ``pearson`` and a slope well below 1);
+    * ``pearson_top{k}``, ``r2_top{k}``, ``slope_top{k}``: each perturbation's ``top_k`` genes by observed
+      ``|ATE|``, pooled;
     * ``pearson_per_perturbation``, ``pearson_top{k}_per_perturbation``: mean over perturbations of the
       per-perturbation Pearson r ("Pearson delta");
     * ``direction_agreement_top{k}``: fraction of top-k entries whose predicted sign matches the observed one.
@@ -228,8 +241,10 @@ def ate_metrics(
         {
             "pearson": _pearson(pred, obs),
             "r2": _r2(pred, obs),
+            "slope": _slope(pred, obs),
             f"pearson_top{k}": _pearson(pred_top, obs_top),
             f"r2_top{k}": _r2(pred_top, obs_top),
+            f"slope_top{k}": _slope(pred_top, obs_top),
             "pearson_per_perturbation": _mean_defined(_row_pearson(pred, obs)),
             f"pearson_top{k}_per_perturbation": _mean_defined(_row_pearson(pred_top, obs_top)),
             f"direction_agreement_top{k}": float((np.sign(pred_top) == np.sign(obs_top)).mean()),
@@ -257,7 +272,7 @@ def ate_metrics_per_perturbation(
 
     Returns
     -------
-    One row per perturbation: ``pearson``, ``r2`` (all genes), ``pearson_top{k}``, ``r2_top{k}``,
+    One row per perturbation: ``pearson``, ``r2``, ``slope`` (all genes), ``pearson_top{k}``, ``r2_top{k}``,
     ``direction_agreement_top{k}`` and ``observed_norm`` (the Euclidean norm of the observed ATE, to sort
     perturbations by effect size).
     """
@@ -268,6 +283,7 @@ def ate_metrics_per_perturbation(
         {
             "pearson": _row_pearson(pred, obs),
             "r2": _row_r2(pred, obs),
+            "slope": _slope_rows(pred, obs),
             f"pearson_top{k}": _row_pearson(pred_top, obs_top),
             f"r2_top{k}": _row_r2(pred_top, obs_top),
             f"direction_agreement_top{k}": (np.sign(pred_top) == np.sign(obs_top)).mean(axis=1),

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sams_scvi.metrics._ate import observed_ate
+from sams_scvi.metrics._ate import _slope, _slope_rows, observed_ate
 
 STAGES = ("fitted", "counterfactual", "ate_control", "ate")
 
@@ -178,13 +178,3 @@ def _latent_split(model, indices, labels, control: str, perturbations: list[str]
 
 def _concat(parts: list[AnnData]) -> AnnData:
     return anndata.concat(parts, index_unique=None, merge="first")
-
-
-def _slope(pred: np.ndarray, obs: np.ndarray) -> float:
-    """Least-squares slope through the origin of ``pred`` on ``obs``."""
-    denominator = float((obs * obs).sum())
-    return float((pred * obs).sum()) / denominator if denominator > 0 else float("nan")
-
-
-def _slope_rows(pred: np.ndarray, obs: np.ndarray) -> list[float]:
-    return [_slope(p, o) for p, o in zip(pred, obs, strict=True)]
