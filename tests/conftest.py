@@ -38,3 +38,23 @@ def trained_tapseq(tapseq):
     model = sams_scvi.SAMSVAE(adata, n_latent=16, n_hidden=128)
     model.train(max_epochs=150, check_val_every_n_epoch=1, **TRAIN_KW)
     return model, adata
+
+
+@pytest.fixture(scope="session")
+def small_screen_model():
+    """A SAMSVAE trained for a few epochs on a small simulated screen with one combination (seconds)."""
+    scvi.settings.seed = 0
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=4,
+        n_genes=40,
+        n_latent=6,
+        n_cells_per_perturbation=80,
+        n_control_cells=200,
+        combinations=["p0+p1"],
+        n_cells_per_combination=60,
+        n_ate_samples=2000,
+    )
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=6, n_hidden=32)
+    model.train(max_epochs=5, **TRAIN_KW)
+    return model, adata

@@ -36,7 +36,7 @@ class PredictionMixin:
         perturbations: Sequence[str] | None = None,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        expression: Literal["normalized", "counts"] = "normalized",
+        expression: Literal["normalized", "counts", "log1p"] = "normalized",
         target_sum: float = 1e4,
         n_samples: int = 20,
         batch_size: int | None = None,
@@ -64,9 +64,13 @@ class PredictionMixin:
             ``"normalized"``: posterior mean of the expression proportions times ``target_sum`` (as after
             :func:`scanpy.pp.normalize_total`; with ``likelihood="normal"``, the posterior mean on the data's own
             scale). ``"counts"``: one posterior-predictive draw (negative binomial, or normal) at
-            the source cell's observed library size.
+            the source cell's observed library size. ``"log1p"``: that draw put on the scale scanpy gives observed
+            cells, ``log(1 + target_sum * x / sum(x))`` (:func:`scanpy.pp.normalize_total` then
+            :func:`scanpy.pp.log1p`): the input cell-eval's ``MetricsEvaluator`` expects, with the cell-to-cell
+            noise of real cells (a posterior mean has none, which inflates DE calls and distances); see
+            :func:`sams_scvi.tl.prediction_pair`. Negative-binomial models only.
         target_sum
-            Total per cell for ``"normalized"``.
+            Total per cell for ``"normalized"`` and ``"log1p"``.
         n_samples
             Posterior samples (of the globals and of the basal state) averaged for ``"normalized"``.
         batch_size
@@ -83,9 +87,11 @@ class PredictionMixin:
         control label as the training data, so scanpy and pertpy read it directly), ``obs["source_cell"]``,
         and ``var`` of the source data.
         """
-        if expression not in ("normalized", "counts"):
-            raise ValueError("`expression` must be 'normalized' or 'counts'.")
+        if expression not in ("normalized", "counts", "log1p"):
+            raise ValueError("`expression` must be 'normalized', 'counts' or 'log1p'.")
         self._check_if_trained(warn=False)
+        if expression == "log1p" and self.module.likelihood == "normal":
+            raise ValueError("expression='log1p' needs counts; a model with likelihood='normal' predicts its data's scale.")
         adata = self._validate_anndata(adata)
         state = self._perturbation_state
         perturbation_key = self.registry_["setup_args"]["perturbation_key"]
@@ -101,7 +107,7 @@ class PredictionMixin:
             if len(indices) == 0:
                 raise ValueError("`adata` has no control cells to use as source cells; pass `indices`.")
         indices = np.asarray(indices)
-        n_draws = 1 if expression == "counts" else n_samples
+        n_draws = n_samples if expression == "normalized" else 1
 
         blocks = []
         with _seeded(seed, self.device):
@@ -118,6 +124,9 @@ class PredictionMixin:
                 gen = self.module.generative(z, library, covariates, design=target_design)
                 if expression == "counts":
                     values = self.module.sample_observations(gen)[0]
+                elif expression == "log1p":
+                    counts = self.module.sample_observations(gen)[0]
+                    values = torch.log1p(counts * (target_sum / counts.sum(-1, keepdim=True).clamp(min=1)))
                 elif self.module.likelihood == "normal":
                     values = gen["mean"].mean(0)
                 else:

@@ -1,0 +1,153 @@
+"""Predicted and observed cells side by side, in the format scverse's evaluation tools read (cell-eval, pertpy)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+
+
+def prediction_pair(
+    model,
+    adata: AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    perturbations: Sequence[str] | None = None,
+    source_indices: Sequence[int] | None = None,
+    n_source_cells: int | None = 1000,
+    target_sum: float = 1e4,
+    seed: int = 0,
+    progress_bar: bool = True,
+) -> tuple[AnnData, AnnData]:
+    r"""Predicted and observed cells of the same labels, genes and scale: the inputs of cell-eval and pertpy.
+
+    Both are on :math:`\log(1 + \text{target\_sum}\, x / \sum_g x_g)`, what :func:`scanpy.pp.normalize_total`
+    and :func:`scanpy.pp.log1p` give observed counts; the predicted cells are posterior-predictive draws
+    (:meth:`~sams_scvi.SAMSVAE.predict_perturbation` with ``expression="log1p"``), so they carry the cell-to-cell
+    noise that real cells have. The two hold the same label set (the control label included), the model's genes
+    in the same order, and the labels in ``obs[perturbation_key]``:
+
+    .. code-block:: python
+
+        predicted, observed = sams_scvi.tl.prediction_pair(model, indices=test_cells)
+        key, control = predicted.uns["sams_scvi"]["perturbation_key"], predicted.uns["sams_scvi"]["control_value"]
+        cell_eval.MetricsEvaluator(predicted, observed, control_pert=control, pert_col=key)
+
+    Parameters
+    ----------
+    model
+        A trained model of this package.
+    adata
+        Data holding the observed and source cells; default, the registered AnnData.
+    indices
+        Observed cells to compare with (positions in ``adata``), e.g. the test cells of a split; default, all.
+        Its control cells are the observed control; without any (a combination split tests perturbed cells only),
+        half of the other control cells are, and the other half are the source cells.
+    perturbations
+        Non-control labels to compare; default, every label among the observed cells. Each needs observed cells.
+    source_indices
+        Cells whose basal states carry the predictions; default, control cells that are not observed control
+        cells (all control cells if there are no others).
+    n_source_cells
+        Subsample the source cells to at most this many (``None``: all); the prediction has
+        ``n_source_cells x (labels + 1)`` rows.
+    target_sum
+        Total counts per cell before the log.
+    seed
+        Seed of the subsampling and of the predictive draws.
+    progress_bar
+        Show the prediction's progress bar.
+
+    Returns
+    -------
+    ``(predicted, observed)``: AnnDatas with float32 ``X`` (observed stays sparse if the data is),
+    ``obs[perturbation_key]`` categorical over the same labels, and ``uns["sams_scvi"]`` naming the
+    perturbation key, the control label and ``target_sum``.
+    """
+    adata = model._validate_anndata(adata)
+    manager = model.get_anndata_manager(adata, required=True)
+    state = model._perturbation_state
+    key = model.registry_["setup_args"]["perturbation_key"]
+    control = state["control_value"]
+    n_cells = adata.n_obs
+
+    observed_rows = np.arange(n_cells) if indices is None else np.asarray(indices)
+    if observed_rows.size == 0:
+        raise ValueError("`indices` is empty.")
+    labels = adata.obs[key].astype(str).to_numpy()
+    observed_labels = labels[observed_rows]
+    if perturbations is None:
+        perturbations = [p for p in dict.fromkeys(observed_labels) if p != control]
+    perturbations = [str(p) for p in perturbations if str(p) != control]
+    missing = [p for p in perturbations if p not in set(observed_labels)]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} labels have no observed cells among `indices` (e.g. {missing[:3]}); cell-eval needs "
+            "the same labels on both sides. Pass `perturbations` with observed labels only."
+        )
+    perturbed = observed_rows[np.isin(observed_labels, perturbations)]
+
+    # Observed control cells: those among `indices`; a split that tests perturbed cells only (a combination split)
+    # takes them from the other control cells. Either way they are not the source cells of the prediction.
+    rng = np.random.default_rng(seed)
+    is_control = labels == control
+    observed_controls = observed_rows[is_control[observed_rows]]
+    pool = np.setdiff1d(np.flatnonzero(is_control), observed_rows)
+    if source_indices is not None:
+        source = np.asarray(source_indices)
+        if observed_controls.size == 0:
+            observed_controls = np.setdiff1d(pool, source)
+    elif observed_controls.size:
+        source = pool if pool.size else np.flatnonzero(is_control)
+    else:
+        shuffled = rng.permutation(pool)
+        source, observed_controls = np.sort(shuffled[: len(pool) // 2]), np.sort(shuffled[len(pool) // 2 :])
+    if observed_controls.size == 0 or source.size == 0:
+        raise ValueError(f"Too few control cells ({control!r}) for both the observed side and the source cells.")
+    if n_source_cells is not None and source.size > n_source_cells:
+        source = np.sort(rng.choice(source, n_source_cells, replace=False))
+    keep = np.sort(np.concatenate([observed_controls, perturbed]))
+
+    conditions = [control, *perturbations]
+    predicted = model.predict_perturbation(
+        conditions,
+        adata=adata,
+        indices=source,
+        expression="log1p",
+        target_sum=target_sum,
+        seed=seed,
+        progress_bar=progress_bar,
+    )
+
+    counts = manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)[keep]
+    observed = AnnData(
+        X=_log1p_normalized(counts, target_sum),
+        obs=adata.obs.iloc[keep][[c for c in adata.obs.columns if not str(c).startswith("_scvi")]].copy(),
+        var=pd.DataFrame(index=predicted.var_names.copy()),
+    )
+    categories = pd.CategoricalDtype(conditions)
+    observed.obs[key] = observed.obs[key].astype(str).astype(categories)
+    predicted.obs[key] = predicted.obs[key].astype(str).astype(categories)
+    info = {"perturbation_key": key, "control_value": control, "target_sum": float(target_sum)}
+    predicted.uns["sams_scvi"] = {**predicted.uns["sams_scvi"], **info}
+    observed.uns["sams_scvi"] = {**info, "expression": "observed"}
+    return predicted, observed
+
+
+def _log1p_normalized(counts, target_sum: float):
+    """:math:`\\log(1 + t\\, x / \\sum_g x_g)` per row (0 for a row without counts), float32, sparse kept sparse."""
+    if sparse.issparse(counts):
+        counts = sparse.csr_matrix(counts, dtype=np.float64)
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        scaled = sparse.diags(scale) @ counts
+        scaled.data = np.log1p(scaled.data)
+        return scaled.astype(np.float32).tocsr()
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    return np.log1p(counts * scale).astype(np.float32)
