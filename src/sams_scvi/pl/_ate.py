@@ -44,7 +44,7 @@ def ate_scatter(
 
     Returns
     -------
-    The matplotlib axes (or figure).
+    The matplotlib axes; the figure with ``return_fig``; nothing when the plot was shown (as scanpy).
     """
     subsets = dict(observed) if isinstance(observed, Mapping) else {None: observed}
     fig, ax, made_here = new_axes(ax, (4.5, 4.5))

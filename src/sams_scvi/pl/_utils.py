@@ -18,12 +18,16 @@ def new_axes(ax, figsize: tuple[float, float]):
 def finish(fig, ax, made_here: bool, show: bool | None, save: str | Path | None, return_fig: bool):
     """Save to ``save`` (a path; the suffix picks the format), show, and return the figure or the axes.
 
-    ``show=None`` shows only a figure made here in an interactive session, as scanpy does.
+    As scanpy does: ``show=None`` shows only a figure made here in an interactive session; a shown plot returns
+    nothing (so a notebook does not print the axes), unless ``return_fig``.
     """
     import matplotlib.pyplot as plt
 
     if save is not None:
         fig.savefig(save, bbox_inches="tight", dpi=150)
-    if show or (show is None and made_here and plt.isinteractive()):
+    shown = bool(show or (show is None and made_here and plt.isinteractive()))
+    if shown:
         plt.show()
-    return fig if return_fig else ax
+    if return_fig:
+        return fig
+    return None if shown else ax
