@@ -376,8 +376,8 @@ class SAMSModule(BaseModuleClass):
         """:math:`D (M \\odot E)`: design (n, T), shifts (S, T, K) -> offset (S, n, K).
 
         The design is sparse (one-hot or a few perturbations per cell), so the product visits only its nonzero
-        entries: offset[:, i] = sum over nonzero d_it of d_it * shift[:, t]. ``responses`` (S, *cells, nnz), one
-        factor per nonzero entry (in ``design.nonzero()`` order), gives (S, *cells, n, K) instead.
+        entries: ``offset[:, i] = sum over nonzero d_it of d_it * shift[:, t]``. ``responses`` ``(S, *cells, nnz)``,
+        one factor per nonzero entry (in ``design.nonzero()`` order), gives ``(S, *cells, n, K)`` instead.
         """
         if design.dim() != 2 or shift.dim() != 3:
             raise ValueError(f"Expected a (n, T) design and (S, T, K) shifts; got {design.shape} and {shift.shape}.")
