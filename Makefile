@@ -38,7 +38,7 @@ $(BIN)/.release: $(BIN)/.installed
 # The documentation site, offline, with warnings as errors (the notebooks render with their stored outputs).
 docs: $(BIN)/.doc
 	rm -rf docs/_build docs/generated
-	PYTHONWARNINGS=ignore::DeprecationWarning $(BIN)/python -m sphinx -W --keep-going -n -b html docs docs/_build/html
+	PYTHONWARNINGS=ignore::DeprecationWarning $(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 # Re-execute the tutorials at full size and store their outputs (a few minutes each on 2 CPU cores).
 tutorials: $(BIN)/.doc $(BIN)/.interop

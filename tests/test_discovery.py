@@ -318,6 +318,7 @@ def test_plots(known, gaussian_screen, tmp_path):
     screen = known.screen_combinations(n_samples=100, progress_bar=False)
     ax = sams_scvi.pl.screen_volcano(screen, n_labels=3, show=False)
     assert len(ax.texts) == 3 and ax.texts[0].get_text() == screen.obs_names[0]
+    assert sams_scvi.pl.screen_volcano(screen, show=True) is None  # shown: nothing returned, as in scanpy
 
     model = sams_scvi.SAMSVAE(known.adata, n_latent=2, n_hidden=8, likelihood="normal")
     model.train(max_epochs=2, check_val_every_n_epoch=1, enable_progress_bar=False)

@@ -216,6 +216,7 @@ def test_per_perturbation_metrics_hand_computed():
     assert table.loc["A", "pearson"] == pytest.approx(1.0) and table.loc["B", "pearson"] == pytest.approx(-1.0)
     assert table.loc["A", "r2"] == pytest.approx(1.0) and table.loc["B", "direction_agreement_top2"] == 0.0
     assert table.loc["B", "observed_norm"] == pytest.approx(np.sqrt(20.0))
+    assert table.loc["A", "slope"] == pytest.approx(1.0) and table.loc["B", "slope_top2"] == pytest.approx(-1.0)
     # pooling the per-perturbation values reproduces the per-perturbation mean of ate_metrics
     pooled = metrics.ate_metrics(predicted, observed, top_k=2)
     assert pooled["pearson_per_perturbation"] == pytest.approx(table["pearson"].mean())

@@ -73,8 +73,90 @@ def test_prediction_pair_of_perturbed_test_cells_takes_other_controls(small_scre
     assert set(observed.obs["perturbation"]) == set(predicted.obs["perturbation"]) == {"control", "p0", "p0+p1"}
 
 
+def test_prediction_pair_default_keeps_source_and_observed_controls_apart(small_screen_model):
+    """Without `indices` every control cell is observed: half of them become the source cells instead."""
+    model, adata = small_screen_model
+    predicted, observed = sams_scvi.tl.prediction_pair(model, n_source_cells=None, progress_bar=False)
+    n_controls = int((adata.obs["perturbation"] == "control").sum())
+    observed_controls = set(observed.obs_names[observed.obs["perturbation"] == "control"])
+    sources = set(predicted.obs["source_cell"])
+    assert not observed_controls & sources
+    assert len(observed_controls) + len(sources) == n_controls
+    assert observed.n_obs == adata.n_obs - len(sources)
+
+
+def test_prediction_pair_normalizes_indices(small_screen_model):
+    model, adata = small_screen_model
+    test = np.arange(0, adata.n_obs, 3)
+    once, _ = sams_scvi.tl.prediction_pair(model, indices=test, n_source_cells=10, progress_bar=False)
+    twice = sams_scvi.tl.prediction_pair(
+        model, indices=np.concatenate([test, test[:50]]), perturbations="p0", n_source_cells=10, progress_bar=False
+    )[1]
+    assert twice.obs_names.is_unique  # duplicated indices count once
+    assert set(twice.obs["perturbation"]) == {"control", "p0"}  # a single label is one label, not its letters
+    controls = np.flatnonzero(adata.obs["perturbation"] == "control")
+    with pytest.raises(ValueError, match="include observed control cells"):
+        sams_scvi.tl.prediction_pair(model, indices=test, source_indices=controls, progress_bar=False)
+
+
+def test_log1p_normalization_dense_and_sparse_agree():
+    from sams_scvi.tl._interop import _log1p_normalized
+
+    counts = np.array([[0.0, 2.0, 6.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    dense = _log1p_normalized(counts, 10.0)
+    expected = np.log1p(np.array([[0.0, 2.5, 7.5], [0.0, 0.0, 0.0], [5.0, 5.0, 0.0]]))
+    assert dense.dtype == np.float32 and np.allclose(dense, expected)
+    assert np.allclose(_log1p_normalized(sparse.csr_matrix(counts), 10.0).toarray(), expected)
+
+
+def test_one_draw_per_cell_picks_one_posterior_sample_per_cell():
+    import torch
+
+    from sams_scvi.model._prediction import _one_draw_per_cell
+
+    torch.manual_seed(0)
+    n_draws, n_cells = 4, 50
+    mu = torch.arange(n_draws, dtype=torch.float32).reshape(n_draws, 1, 1, 1).expand(n_draws, n_cells, 2, 3)
+    theta = torch.ones(3)
+    picked = _one_draw_per_cell({"mu": mu, "theta": theta}, n_cells)
+    assert picked["mu"].shape == (n_cells, 2, 3) and picked["theta"] is theta
+    draws = picked["mu"][:, 0, 0]
+    assert set(draws.tolist()) == set(range(n_draws))  # cells come from different posterior samples
+    assert torch.all(picked["mu"] == draws[:, None, None])  # one sample per cell, for all its labels and genes
+
+
 def test_prediction_pair_errors_name_the_fix(small_screen_model):
     model, adata = small_screen_model
     only_p0 = np.flatnonzero(adata.obs["perturbation"].isin(["control", "p0"]))
     with pytest.raises(ValueError, match="no observed cells"):
         sams_scvi.tl.prediction_pair(model, indices=only_p0, perturbations=["p0", "p1"], progress_bar=False)
+
+
+def test_quiet_dependencies_drops_only_the_noise():
+    import logging
+    import warnings
+
+    from sams_scvi._logging import quiet_dependencies
+
+    before = list(warnings.filters)
+    lightning_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    lightning_logger.addHandler(handler)
+    lightning_logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inside_filters = len(warnings.filters)
+            with quiet_dependencies():
+                lightning_logger.info("💡 Tip: install something")
+                lightning_logger.info("GPU available: False")
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+                warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+            assert len(warnings.filters) == inside_filters  # ours removed, nobody else's touched
+        assert [r.getMessage() for r in records] == ["GPU available: False"]
+        assert [str(w.message) for w in caught] == ["an unrelated warning"]
+    finally:
+        lightning_logger.removeHandler(handler)
+    assert list(warnings.filters) == before

@@ -28,7 +28,7 @@ _FALLBACK_NOTICE = re.compile(r"^.*TqdmWarning: IProgress not found.*\n(?:\s+fro
 def _as_displayed(text: str) -> str:
     """What a terminal or Jupyter shows of ``text``: on each line, only what follows its last carriage return."""
     lines = text.split("\n")
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in lines)
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
 
 
 def tidy_outputs(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -51,7 +51,8 @@ def tidy_outputs(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
         for output in outputs:
             if output.output_type == "stream":
                 text = _FALLBACK_NOTICE.sub("", _as_displayed(output.text))
-                output.text = re.sub(r"\n{2,}", "\n", text).lstrip("\n")
+                # a redrawn bar leaves an empty line behind; keep single blank lines (they separate table blocks)
+                output.text = re.sub(r"\n{3,}", "\n\n", text).lstrip("\n")
         cell.outputs = [o for o in outputs if o.output_type != "stream" or o.text.strip()]
     return notebook
 
@@ -59,8 +60,13 @@ def tidy_outputs(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def execute(path: Path, timeout: int) -> nbformat.NotebookNode:
     """Run every cell of the notebook at ``path`` in a fresh kernel, in this directory; return it with outputs."""
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": HERE}})
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": HERE}}
+    )
     client.execute()
+    notebook.metadata.setdefault(
+        "kernelspec", {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    )
     return tidy_outputs(notebook)
 
 

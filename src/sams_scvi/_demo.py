@@ -66,7 +66,7 @@ def run_demo(
     pred, obs = ate.to_df().loc[singles, observed.var_names].to_numpy(), observed.to_df().loc[singles].to_numpy()
     slope = float((pred * obs).sum() / (obs * obs).sum())  # least squares through the origin: 1 = full size
 
-    ax = pl.ate_scatter(ate[singles], observed[singles])
+    ax = pl.ate_scatter(ate[singles], observed[singles], show=False)
     ax.set_title(f"TAP-seq, {len(singles)} single targets\nr = {r_all:.2f}, slope = {slope:.2f}", fontsize=10)
     ax.figure.tight_layout()
     ax.figure.savefig(output_dir / "ate_scatter.png", dpi=150)

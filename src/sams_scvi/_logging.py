@@ -33,16 +33,28 @@ class _DropAdvertising(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_dependencies() -> Iterator[None]:
-    """Within the block, drop our dependencies' advertising and deprecation noise (restored on exit)."""
+    """Within the block, drop our dependencies' advertising and the noise above; everything else passes.
+
+    Only our own filters are added and, on exit, removed again: ``warnings.catch_warnings`` would instead restore
+    the whole filter list, dropping filters other libraries add meanwhile (lazy imports during training) and
+    resetting which warnings were already shown.
+    """
     drop = _DropAdvertising()
     loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
     for lightning_logger in loggers:
         lightning_logger.addFilter(drop)
+    added = []
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
+        added.append(warnings.filters[0])
     try:
-        with warnings.catch_warnings():
-            for message in _NOISE:
-                warnings.filterwarnings("ignore", message=message)
-            yield
+        yield
     finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):  # someone else already removed it
+                warnings.filters.remove(entry)
+        mutated = getattr(warnings, "_filters_mutated", None) or getattr(warnings, "_filters_mutated_lock_held", None)
+        if mutated is not None:  # tell the C implementation its cache of the filters is stale
+            mutated()
         for lightning_logger in loggers:
             lightning_logger.removeFilter(drop)

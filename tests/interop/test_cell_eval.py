@@ -37,13 +37,3 @@ def test_metrics_evaluator_reads_prediction_pair(pair, tmp_path, monkeypatch):
         values = results[metric].to_numpy()
         assert np.isfinite(values).all(), metric
     assert aggregate.height > 0
-
-
-def test_default_normalized_output_is_not_log_scale(small_screen_model, tmp_path):
-    """The default output is normalised expression, not log1p: cell-eval refuses it, and says why."""
-    model, adata = small_screen_model
-    pred = model.predict_perturbation(["control", "p0"], indices=np.arange(20), progress_bar=False)
-    assert pred.X.max() > 15
-    real = pred.copy()
-    with pytest.raises(ValueError, match="(?i)scale"):
-        cell_eval.MetricsEvaluator(pred, real, control_pert="control", pert_col="perturbation", outdir=str(tmp_path))

@@ -34,7 +34,6 @@ def test_distances_to_control(joint):
     labels = set(both.obs[key].astype(str))
     for distances in per_source.values():
         assert set(distances.index) == labels and np.isfinite(distances.to_numpy()).all()
-        assert distances[control] == pytest.approx(0.0, abs=1e-6)
     test = pt.tl.DistanceTest("edistance", n_perms=50, obsm_key="X_pca")
     table = test(both[both.obs["source"] == "predicted"].copy(), groupby=key, contrast=control, show_progressbar=False)
     assert set(table.index) == labels and table["pvalue"].between(0, 1).all()
@@ -45,12 +44,15 @@ def test_pseudobulk_space_and_control_difference(joint):
     key, control = info["perturbation_key"], info["control_value"]
     space = pt.tl.PseudobulkSpace().compute(both, target_col=key, groups_col="source", mode="mean")
     labels = set(both.obs[key].astype(str))
-    assert space.n_obs == 2 * len(labels)
+    # every label has a predicted and an observed profile, so each effect can be compared across sources
+    pairs = set(zip(space.obs["source"].astype(str), space.obs[key].astype(str), strict=True))
+    assert pairs == {(source, label) for source in ("observed", "predicted") for label in labels}
     difference = pt.tl.PseudobulkSpace().compute_control_diff(
         space, target_col=key, group_col="source", reference_key=control, copy=True
     )
-    controls = difference[difference.obs[key].astype(str) == control]
-    assert np.allclose(np.asarray(controls.X), 0.0, atol=1e-5)
-    # predicted and observed profiles of each label sit in the same space, gene for gene
-    frame = pd.DataFrame(np.asarray(difference.X), index=difference.obs_names)
-    assert frame.shape[1] == both.n_vars and np.isfinite(frame.to_numpy()).all()
+    frame = pd.DataFrame(np.asarray(difference.X), index=pd.MultiIndex.from_frame(difference.obs[["source", key]].astype(str)))
+    assert np.isfinite(frame.to_numpy()).all()
+    # the predicted effects of the perturbations point the way the observed ones do (strong simulated effects)
+    perturbed = sorted(labels - {control})
+    agreement = [np.corrcoef(frame.loc[("predicted", p)], frame.loc[("observed", p)])[0, 1] for p in perturbed]
+    assert np.mean(agreement) > 0

@@ -273,7 +273,7 @@ def ate_metrics_per_perturbation(
     Returns
     -------
     One row per perturbation: ``pearson``, ``r2``, ``slope`` (all genes), ``pearson_top{k}``, ``r2_top{k}``,
-    ``direction_agreement_top{k}`` and ``observed_norm`` (the Euclidean norm of the observed ATE, to sort
+    ``slope_top{k}``, ``direction_agreement_top{k}`` and ``observed_norm`` (the Euclidean norm of the observed ATE, to sort
     perturbations by effect size).
     """
     pred, obs, rows = _aligned(predicted, observed, perturbations)
@@ -286,6 +286,7 @@ def ate_metrics_per_perturbation(
             "slope": _slope_rows(pred, obs),
             f"pearson_top{k}": _row_pearson(pred_top, obs_top),
             f"r2_top{k}": _row_r2(pred_top, obs_top),
+            f"slope_top{k}": _slope_rows(pred_top, obs_top),
             f"direction_agreement_top{k}": (np.sign(pred_top) == np.sign(obs_top)).mean(axis=1),
             "observed_norm": np.linalg.norm(obs, axis=1),
         },

@@ -64,7 +64,8 @@ class PredictionMixin:
             ``"normalized"``: posterior mean of the expression proportions times ``target_sum`` (as after
             :func:`scanpy.pp.normalize_total`; with ``likelihood="normal"``, the posterior mean on the data's own
             scale). ``"counts"``: one posterior-predictive draw (negative binomial, or normal) at
-            the source cell's observed library size. ``"log1p"``: that draw put on the scale scanpy gives observed
+            the source cell's observed library size, from one of ``n_samples`` posterior samples of the globals
+            and the basal state chosen at random for each cell. ``"log1p"``: that draw put on the scale scanpy gives observed
             cells, ``log(1 + target_sum * x / sum(x))`` (:func:`scanpy.pp.normalize_total` then
             :func:`scanpy.pp.log1p`): the input cell-eval's ``MetricsEvaluator`` expects, with the cell-to-cell
             noise of real cells (a posterior mean has none, which inflates DE calls and distances); see
@@ -72,7 +73,8 @@ class PredictionMixin:
         target_sum
             Total per cell for ``"normalized"`` and ``"log1p"``.
         n_samples
-            Posterior samples (of the globals and of the basal state) averaged for ``"normalized"``.
+            Posterior samples (of the globals and of the basal state): averaged for ``"normalized"``, one per
+            cell picked from them for ``"counts"`` and ``"log1p"``.
         batch_size
             Source cells per minibatch.
         seed
@@ -107,7 +109,7 @@ class PredictionMixin:
             if len(indices) == 0:
                 raise ValueError("`adata` has no control cells to use as source cells; pass `indices`.")
         indices = np.asarray(indices)
-        n_draws = n_samples if expression == "normalized" else 1
+        n_draws = n_samples
 
         blocks = []
         with _seeded(seed, self.device):
@@ -122,11 +124,11 @@ class PredictionMixin:
                     covariates = covariates[:, None, :].expand(-1, len(perturbations), -1)
                 library = out["library"][:, None].expand(-1, len(perturbations))
                 gen = self.module.generative(z, library, covariates, design=target_design)
-                if expression == "counts":
-                    values = self.module.sample_observations(gen)[0]
-                elif expression == "log1p":
-                    counts = self.module.sample_observations(gen)[0]
-                    values = torch.log1p(counts * (target_sum / counts.sum(-1, keepdim=True).clamp(min=1)))
+                if expression in ("counts", "log1p"):
+                    # Each cell's draw comes from its own posterior sample of the globals and of its basal state,
+                    # so a predicted population carries the posterior's uncertainty, not one shared draw of (M, E).
+                    counts = self.module.sample_observations(_one_draw_per_cell(gen, len(out["library"])))
+                    values = counts if expression == "counts" else _log1p_normalize(counts, target_sum)
                 elif self.module.likelihood == "normal":
                     values = gen["mean"].mean(0)
                 else:
@@ -630,6 +632,22 @@ def _half_segments(start: int, stop: int, per_draw: int, bounds: tuple[int, int,
             hi = min(stop, draw * per_draw + bounds[half + 1])
             if lo < hi:
                 yield draw, half, lo, hi
+
+
+def _one_draw_per_cell(generative_outputs: dict, n_cells: int) -> dict:
+    """Keep, for each cell, one of the posterior samples (dim 0) of the parameters shaped (S, n_cells, ...)."""
+    n_draws = next(v.shape[0] for v in generative_outputs.values() if v.dim() >= 2)
+    draw = torch.randint(n_draws, (n_cells,)).to(next(iter(generative_outputs.values())).device)
+    cells = torch.arange(n_cells, device=draw.device)
+    return {
+        key: value[draw, cells] if value.dim() >= 2 and tuple(value.shape[:2]) == (n_draws, n_cells) else value
+        for key, value in generative_outputs.items()
+    }
+
+
+def _log1p_normalize(counts: torch.Tensor, target_sum: float) -> torch.Tensor:
+    """``log(1 + target_sum * x / sum(x))`` per row (0 for a row without counts), as scanpy normalises cells."""
+    return torch.log1p(counts * (target_sum / counts.sum(-1, keepdim=True).clamp(min=1)))
 
 
 def _as_labels(perturbations) -> list[str]:

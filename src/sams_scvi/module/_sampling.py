@@ -22,7 +22,6 @@ On other devices torch's own samplers are used.
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -378,10 +377,14 @@ class _kernel_threads:
 
 
 def _compiled_on_disk(kernel) -> bool:
-    """Whether numba's on-disk cache holds an index for ``kernel`` (a stale one still recompiles; rare)."""
-    cache = getattr(kernel, "_cache", None)
-    index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
-    return index is not None and os.path.exists(index)
+    """Whether numba's on-disk cache holds a current compilation of ``kernel`` (its index loads, source stamp and all).
+
+    numba's cache classes are private: if they change, this says False and the first call is announced anyway.
+    """
+    try:
+        return bool(kernel._cache._cache_file._load_index())
+    except Exception:  # noqa: BLE001 - any failure only means we cannot tell
+        return False
 
 
 def _kernel_seed() -> int:

@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi.model._prediction import _as_labels
 
 
 def prediction_pair(
@@ -45,16 +46,17 @@ def prediction_pair(
         Data holding the observed and source cells; default, the registered AnnData.
     indices
         Observed cells to compare with (positions in ``adata``), e.g. the test cells of a split; default, all.
-        Its control cells are the observed control; without any (a combination split tests perturbed cells only),
-        half of the other control cells are, and the other half are the source cells.
+        Their control cells (no treatment in the registered design) are the observed control.
     perturbations
         Non-control labels to compare; default, every label among the observed cells. Each needs observed cells.
     source_indices
-        Cells whose basal states carry the predictions; default, control cells that are not observed control
-        cells (all control cells if there are no others).
+        Cells whose basal states carry the predictions; they may not include observed control cells. Default:
+        the control cells outside ``indices``; when all control cells are on one side (no ``indices``, or
+        ``indices`` without control cells), a random half of them, the other half being the observed control.
     n_source_cells
-        Subsample the source cells to at most this many (``None``: all); the prediction has
-        ``n_source_cells x (labels + 1)`` rows.
+        Subsample the source cells to at most this many (``None``: all). The prediction is dense, with
+        ``n_source_cells x (labels + 1)`` rows: 1,000 source cells x 2,000 labels x 8,000 genes is 64 GB of
+        float32, so subset ``perturbations`` or lower this on genome-wide screens.
     target_sum
         Total counts per cell before the log.
     seed
@@ -73,16 +75,25 @@ def prediction_pair(
     state = model._perturbation_state
     key = model.registry_["setup_args"]["perturbation_key"]
     control = state["control_value"]
-    n_cells = adata.n_obs
-
-    observed_rows = np.arange(n_cells) if indices is None else np.asarray(indices)
+    if key not in adata.obs:
+        raise ValueError(
+            f"`adata.obs` has no column {key!r}: prediction_pair reads the labels of a model set up with "
+            "`setup_anndata`; for MuData, build the pair from the RNA modality's AnnData."
+        )
+    all_rows = np.arange(adata.n_obs)
+    observed_rows = all_rows if indices is None else np.unique(all_rows[np.asarray(indices)])
     if observed_rows.size == 0:
         raise ValueError("`indices` is empty.")
-    labels = adata.obs[key].astype(str).to_numpy()
+    # Control cells are those without treatment in the registered design (as the model sees them), whatever
+    # their label's spelling; they are labelled with the control value on both sides.
+    design = manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+    is_control = np.asarray(sparse.csr_matrix(design).getnnz(axis=1)) == 0
+    labels = adata.obs[key].astype(str).str.strip().to_numpy(dtype=object)
+    labels[is_control] = control
     observed_labels = labels[observed_rows]
     if perturbations is None:
         perturbations = [p for p in dict.fromkeys(observed_labels) if p != control]
-    perturbations = [str(p) for p in perturbations if str(p) != control]
+    perturbations = [p for p in dict.fromkeys(label.strip() for label in _as_labels(perturbations)) if p != control]
     missing = [p for p in perturbations if p not in set(observed_labels)]
     if missing:
         raise ValueError(
@@ -91,26 +102,34 @@ def prediction_pair(
         )
     perturbed = observed_rows[np.isin(observed_labels, perturbations)]
 
-    # Observed control cells: those among `indices`; a split that tests perturbed cells only (a combination split)
-    # takes them from the other control cells. Either way they are not the source cells of the prediction.
+    # The observed control cells and the source cells of the prediction are disjoint: shared cells would put the
+    # same noise in both sides' control and inflate every agreement. When all control cells are on one side (no
+    # `indices`, or a split that tests perturbed cells only), they are split in half at random.
     rng = np.random.default_rng(seed)
-    is_control = labels == control
-    observed_controls = observed_rows[is_control[observed_rows]]
-    pool = np.setdiff1d(np.flatnonzero(is_control), observed_rows)
+    controls = np.flatnonzero(is_control)
+    observed_controls = np.intersect1d(observed_rows, controls)
     if source_indices is not None:
-        source = np.asarray(source_indices)
+        source = np.unique(all_rows[np.asarray(source_indices)])
         if observed_controls.size == 0:
-            observed_controls = np.setdiff1d(pool, source)
-    elif observed_controls.size:
-        source = pool if pool.size else np.flatnonzero(is_control)
+            observed_controls = np.setdiff1d(controls, source)
+        elif np.intersect1d(source, observed_controls).size:
+            raise ValueError(
+                "`source_indices` include observed control cells (control cells among `indices`); pass source "
+                "cells outside `indices`."
+            )
     else:
-        shuffled = rng.permutation(pool)
-        source, observed_controls = np.sort(shuffled[: len(pool) // 2]), np.sort(shuffled[len(pool) // 2 :])
+        others = np.setdiff1d(controls, observed_controls)
+        if observed_controls.size and others.size:
+            source = others
+        else:
+            shuffled = rng.permutation(observed_controls if observed_controls.size else others)
+            source, observed_controls = np.sort(shuffled[: len(shuffled) // 2]), np.sort(shuffled[len(shuffled) // 2 :])
     if observed_controls.size == 0 or source.size == 0:
         raise ValueError(f"Too few control cells ({control!r}) for both the observed side and the source cells.")
     if n_source_cells is not None and source.size > n_source_cells:
         source = np.sort(rng.choice(source, n_source_cells, replace=False))
-    keep = np.sort(np.concatenate([observed_controls, perturbed]))
+    keep = np.concatenate([observed_controls, perturbed])
+    keep.sort()
 
     conditions = [control, *perturbations]
     predicted = model.predict_perturbation(
@@ -130,7 +149,7 @@ def prediction_pair(
         var=pd.DataFrame(index=predicted.var_names.copy()),
     )
     categories = pd.CategoricalDtype(conditions)
-    observed.obs[key] = observed.obs[key].astype(str).astype(categories)
+    observed.obs[key] = pd.Series(labels[keep], index=observed.obs_names).astype(categories)
     predicted.obs[key] = predicted.obs[key].astype(str).astype(categories)
     info = {"perturbation_key": key, "control_value": control, "target_sum": float(target_sum)}
     predicted.uns["sams_scvi"] = {**predicted.uns["sams_scvi"], **info}
