@@ -33,7 +33,7 @@ from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
 from ._prediction import PredictionMixin
 from ._training_plan import SAMSTrainingPlan
-from ._utils import _check_counts, _check_finite, _check_gene_names, _seeded
+from ._utils import _as_positions, _check_counts, _check_finite, _check_gene_names, _seeded
 
 # Default length of training. Every benchmark in docs/ trains for at most 120 epochs (TAP-seq: 2,040 steps); longer
 # runs prune the masks of weak perturbations (TAP-seq, 400 epochs: 5 of 14 targets without a mechanism and a lower
@@ -335,6 +335,12 @@ class BasePerturbationModel(
                     stacklevel=4,  # the caller of estimate_ate / predict_perturbation (through inference_mode)
                 )
         return torch.as_tensor(design.toarray(), device=self.device)
+
+    def _make_data_loader(self, adata=None, indices=None, *args, **kwargs):
+        """scvi-tools' loader, with ``indices`` given as positions, a boolean mask or obs names (as scanpy)."""
+        if indices is not None:
+            indices = _as_positions(self.adata if adata is None else adata, indices)
+        return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
         adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)

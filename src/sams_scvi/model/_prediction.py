@@ -15,7 +15,7 @@ from scvi.utils import track
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi.module._sampling import accumulate_log_normalized
 
-from ._utils import _seeded
+from ._utils import _as_positions, _check_positive, _seeded
 
 _ATE_TARGET_SUM = 1e4
 # values decoded per ATE chunk: on CPU small enough to stay in cache and reuse allocations (decoding 2,500
@@ -102,13 +102,20 @@ class PredictionMixin:
         perturbations = _as_labels(perturbations)
         if len(perturbations) == 0:
             raise ValueError("`perturbations` is empty.")
+        _check_positive("n_samples", n_samples, integer=True)
+        _check_positive("target_sum", target_sum)
         target_design = self._design_for(perturbations)  # (P, T)
+        indices = _as_positions(adata, indices)
         if indices is None:
-            design = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+            # the control cells of the AnnData passed (not of the registered one)
+            design = self.get_anndata_manager(adata, required=True).get_from_registry(
+                SAMS_REGISTRY_KEYS.PERTURBATION_KEY
+            )
             indices = np.flatnonzero(np.asarray(sparse.csr_matrix(design).getnnz(axis=1)) == 0)
             if len(indices) == 0:
                 raise ValueError("`adata` has no control cells to use as source cells; pass `indices`.")
-        indices = np.asarray(indices)
+        if len(indices) == 0:
+            raise ValueError("`indices` selects no cells.")
         n_draws = n_samples
 
         blocks = []
@@ -548,8 +555,9 @@ class PredictionMixin:
                 raise ValueError("library_size='median' needs the registered AnnData.")
             x = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)
             return float(np.median(np.asarray(x.sum(1)).ravel()))
-        if isinstance(library_size, str) or library_size <= 0:
-            raise ValueError("`library_size` must be a positive number or 'median'.")
+        if isinstance(library_size, str):
+            raise ValueError(f"`library_size` must be a positive number or 'median', not {library_size!r}.")
+        _check_positive("library_size", library_size)
         return float(library_size)
 
     def _label_counts(self) -> pd.Series:

@@ -79,3 +79,49 @@ class _seeded:
             return False
         np.random.set_state(self._np_state)
         return self._fork.__exit__(*exc)
+
+
+def _as_positions(adata, indices, name: str = "indices") -> np.ndarray | None:
+    """Cell positions from integer positions, a boolean mask or obs names, as scanpy accepts them.
+
+    ``None`` stays ``None`` (all cells). Negative positions count from the end, as in numpy.
+    """
+    if indices is None:
+        return None
+    values = np.asarray(list(indices) if isinstance(indices, pd.Index) else indices)
+    if values.ndim != 1:
+        raise ValueError(f"`{name}` must be one-dimensional (positions, a boolean mask or obs names).")
+    n_obs = adata.n_obs
+    if values.dtype == bool:
+        if values.shape[0] != n_obs:
+            raise ValueError(
+                f"The boolean mask `{name}` has {values.shape[0]} entries but `adata` has {n_obs} cells; pass one "
+                "entry per cell of the AnnData given (or of the registered one)."
+            )
+        return np.flatnonzero(values)
+    if values.dtype.kind in "OUS":
+        positions = pd.Index(adata.obs_names).get_indexer(values.astype(str))
+        missing = values[positions < 0]
+        if missing.size:
+            raise ValueError(
+                f"{missing.size} entries of `{name}` are not obs names of `adata` (e.g. {list(missing[:3])}); pass "
+                "obs names, integer positions or a boolean mask."
+            )
+        return positions
+    if values.size == 0:
+        return values.astype(np.int64)
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"`{name}` must hold integer positions, booleans or obs names, not {values.dtype}.")
+    if values.min() < -n_obs or values.max() >= n_obs:
+        raise IndexError(f"`{name}` has positions outside 0..{n_obs - 1}, the cells of `adata`.")
+    return np.where(values < 0, values + n_obs, values).astype(np.int64)
+
+
+def _check_positive(name: str, value, integer: bool = False) -> None:
+    """Raise unless ``value`` is a finite positive number (and an integer, if asked)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a {'positive integer' if integer else 'positive number'}, not {value!r}.")
+    if integer and int(value) != value:
+        raise ValueError(f"`{name}` must be an integer, not {value!r}.")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite positive number, not {value!r}.")

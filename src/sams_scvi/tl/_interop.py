@@ -11,6 +11,7 @@ from scipy import sparse
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi.model._prediction import _as_labels
+from sams_scvi.model._utils import _as_positions
 
 
 def prediction_pair(
@@ -81,7 +82,7 @@ def prediction_pair(
             "`setup_anndata`; for MuData, build the pair from the RNA modality's AnnData."
         )
     all_rows = np.arange(adata.n_obs)
-    observed_rows = all_rows if indices is None else np.unique(all_rows[np.asarray(indices)])
+    observed_rows = all_rows if indices is None else np.unique(_as_positions(adata, indices))
     if observed_rows.size == 0:
         raise ValueError("`indices` is empty.")
     # Control cells are those without treatment in the registered design (as the model sees them), whatever
@@ -109,7 +110,7 @@ def prediction_pair(
     controls = np.flatnonzero(is_control)
     observed_controls = np.intersect1d(observed_rows, controls)
     if source_indices is not None:
-        source = np.unique(all_rows[np.asarray(source_indices)])
+        source = np.unique(_as_positions(adata, source_indices, "source_indices"))
         if observed_controls.size == 0:
             observed_controls = np.setdiff1d(controls, source)
         elif np.intersect1d(source, observed_controls).size:
