@@ -99,16 +99,6 @@ def test_prediction_pair_normalizes_indices(small_screen_model):
         sams_scvi.tl.prediction_pair(model, indices=test, source_indices=controls, progress_bar=False)
 
 
-def test_log1p_normalization_dense_and_sparse_agree():
-    from sams_scvi.tl._interop import _log1p_normalized
-
-    counts = np.array([[0.0, 2.0, 6.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    dense = _log1p_normalized(counts, 10.0)
-    expected = np.log1p(np.array([[0.0, 2.5, 7.5], [0.0, 0.0, 0.0], [5.0, 5.0, 0.0]]))
-    assert dense.dtype == np.float32 and np.allclose(dense, expected)
-    assert np.allclose(_log1p_normalized(sparse.csr_matrix(counts), 10.0).toarray(), expected)
-
-
 def test_one_draw_per_cell_picks_one_posterior_sample_per_cell():
     import torch
 

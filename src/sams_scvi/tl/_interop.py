@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 
@@ -145,10 +146,12 @@ def prediction_pair(
 
     counts = manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)[keep]
     observed = AnnData(
-        X=_log1p_normalized(counts, target_sum),
+        X=counts.astype(np.float32),
         obs=adata.obs.iloc[keep][[c for c in adata.obs.columns if not str(c).startswith("_scvi")]].copy(),
         var=pd.DataFrame(index=predicted.var_names.copy()),
     )
+    sc.pp.normalize_total(observed, target_sum=target_sum)  # on the new AnnData: the user's data is not touched
+    sc.pp.log1p(observed)
     categories = pd.CategoricalDtype(conditions)
     observed.obs[key] = pd.Series(labels[keep], index=observed.obs_names).astype(categories)
     predicted.obs[key] = predicted.obs[key].astype(str).astype(categories)
@@ -156,18 +159,3 @@ def prediction_pair(
     predicted.uns["sams_scvi"] = {**predicted.uns["sams_scvi"], **info}
     observed.uns["sams_scvi"] = {**info, "expression": "observed"}
     return predicted, observed
-
-
-def _log1p_normalized(counts, target_sum: float):
-    """:math:`\\log(1 + t\\, x / \\sum_g x_g)` per row (0 for a row without counts), float32, sparse kept sparse."""
-    if sparse.issparse(counts):
-        counts = sparse.csr_matrix(counts, dtype=np.float64)
-        totals = np.asarray(counts.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        scaled = sparse.diags(scale) @ counts
-        scaled.data = np.log1p(scaled.data)
-        return scaled.astype(np.float32).tocsr()
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    return np.log1p(counts * scale).astype(np.float32)
