@@ -1,6 +1,8 @@
 """A catalogue of bad or unusual inputs (issue 14): each gets a clear error or the right result, and the user's
 AnnData is never changed. One case per input; the message fragment is what tells the user the fix."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,8 +23,9 @@ def model_and_data():
     return model, adata
 
 
-def _unchanged(adata, before):
-    pd.testing.assert_frame_equal(adata.obs, before.obs)
+def _unchanged(adata, before, registered: bool = False):
+    """The user's data as it was; ``registered``: only scvi-tools' registration entries were added."""
+    pd.testing.assert_frame_equal(adata.obs[before.obs.columns] if registered else adata.obs, before.obs)
     assert adata.obs_names.equals(before.obs_names) and adata.var_names.equals(before.var_names)
     assert (adata.X != before.X).nnz == 0 if hasattr(adata.X, "nnz") else np.array_equal(adata.X, before.X)
 
@@ -93,3 +96,119 @@ def test_indices_as_positions_mask_or_names_agree(model_and_data):
     pred = model.predict_perturbation("p0", indices=adata.obs_names[positions[:3]], progress_bar=False)
     assert list(pred.obs["source_cell"]) == list(adata.obs_names[positions[:3]])
     assert set(pred.obs["perturbation"]) == {"p0"}  # a single label is one label, not its letters
+
+
+# ---------------------------------------------------------------- set-up: labels, layers, keys
+
+
+def _screen(**relabel):
+    """A small simulated screen; ``relabel`` maps an existing label to what (some of) its cells become."""
+    adata = sams_scvi.data.simulate_sams(
+        n_perturbations=3, n_genes=20, n_cells_per_perturbation=20, n_control_cells=30, seed=0
+    )
+    labels = adata.obs["perturbation"].astype(str).to_numpy(dtype=object)
+    for old, new in relabel.items():
+        cells = np.flatnonzero(labels == old)
+        labels[cells[: len(cells) // 2] if new.get("half") else cells] = new["to"]
+    adata.obs["perturbation"] = pd.Categorical(labels)
+    return adata
+
+
+def _with_combinations(adata, delimiter="+"):
+    labels = adata.obs["perturbation"].astype(str).to_numpy(dtype=object)
+    labels[:6] = f"p0{delimiter}p1"
+    adata.obs["perturbation"] = pd.Categorical(labels)
+    return adata
+
+
+SETUP_ERRORS = {
+    "control label in two spellings": (
+        lambda: _screen(control={"to": "Control", "half": True}), {}, ValueError, r"replace\(\{'Control': 'control'\}"),
+    "control label only in another spelling": (
+        lambda: _screen(control={"to": "CONTROL"}), {}, ValueError, "control_value='CONTROL'"),
+    "missing layer": (lambda: _screen(), {"layer": "counts"}, KeyError, "not in adata.layers"),
+    "missing perturbation column": (
+        lambda: _screen(), {"perturbation_key": "guide"}, KeyError, "not a column of adata.obs"),
+    "missing batch column": (lambda: _screen(), {"batch_key": "donor"}, KeyError, "batch_key='donor' is not a column"),
+    "missing covariate column": (
+        lambda: _screen(), {"categorical_covariate_keys": ["perturbation", "lane"]}, KeyError, "'lane' is not a column"),
+    "control_value of the wrong type": (lambda: _screen(), {"control_value": None}, TypeError, "control_value"),
+    "empty name in a combination": (
+        lambda: _screen(p0={"to": "p0+"}), {}, ValueError, "empty perturbation name"),
+}
+
+SETUP_WARNINGS = {
+    "one perturbation in two spellings": (lambda: _screen(p0={"to": "P0", "half": True}), {}, "differ only in case"),
+    "a perturbation named twice": (lambda: _screen(p0={"to": "p0+p0", "half": True}), {}, "more than once"),
+    "combinations with another delimiter": (
+        lambda: _with_combinations(_screen()), {"delimiter": "_"}, "Pass delimiter='+'"),
+    "controls under another name": (lambda: _screen(control={"to": "non-targeting"}), {},
+                                    "control_value='non-targeting'"),
+}
+
+
+@pytest.mark.parametrize("case", list(SETUP_ERRORS))
+def test_bad_setup_gets_a_clear_error_and_leaves_the_data(case):
+    make, kwargs, error, fragment = SETUP_ERRORS[case]
+    adata = make()
+    before = adata.copy()
+    with pytest.raises(error, match=fragment):
+        sams_scvi.SAMSVAE.setup_anndata(adata, **{"perturbation_key": "perturbation", **kwargs})
+    _unchanged(adata, before)
+
+
+@pytest.mark.parametrize("case", list(SETUP_WARNINGS))
+def test_suspicious_labels_are_reported_at_setup(case):
+    make, kwargs, fragment = SETUP_WARNINGS[case]
+    adata = make()
+    before = adata.copy()
+    with pytest.warns(UserWarning, match=re.escape(fragment)) as record:
+        sams_scvi.SAMSVAE.setup_anndata(adata, **{"perturbation_key": "perturbation", **kwargs})
+    assert any(w.filename == __file__ for w in record if fragment.split("'")[0] in str(w.message))  # user's line
+    _unchanged(adata, before, registered=True)
+
+
+def test_integer_labels_with_an_integer_control_value():
+    """Labels 0, 1, 2, 3 with control_value=0: the zeros are the controls, not a perturbation called '0'."""
+    adata = _screen()
+    codes = {"control": 0, "p0": 1, "p1": 2, "p2": 3}
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str).map(codes).astype(int)
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", control_value=0)
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    assert model.perturbations == ["1", "2", "3"]
+    assert model._perturbation_state["n_control_cells"] == int((adata.obs["perturbation"] == 0).sum())
+
+
+def test_genes_in_another_order_are_named_as_such(model_and_data):
+    model, adata = model_and_data
+    with pytest.raises(ValueError, match="the model's 20 genes, but in another order"):
+        model.get_latent(adata=adata[:, ::-1].copy())
+    with pytest.raises(ValueError, match="1 model genes are missing"):
+        model.get_latent(adata=adata[:, 1:].copy())
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_backed_anndata_trains_and_predicts(tmp_path, dense):
+    """A file-backed AnnData (read_h5ad(..., backed='r')) is checked in row blocks instead of crashing."""
+    import anndata as ad
+
+    adata = _screen()
+    adata.X = adata.X.toarray() if dense else adata.X
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    backed = ad.read_h5ad(tmp_path / "screen.h5ad", backed="r")
+    sams_scvi.SAMSVAE.setup_anndata(backed, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(backed, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+    assert np.isfinite(model.estimate_ate(n_samples=20, progress_bar=False).X).all()
+
+
+def test_backed_anndata_with_negative_values_is_rejected(tmp_path):
+    import anndata as ad
+
+    adata = _screen()
+    adata.X = adata.X.toarray() - 1.0
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    backed = ad.read_h5ad(tmp_path / "screen.h5ad", backed="r")
+    sams_scvi.SAMSVAE.setup_anndata(backed, perturbation_key="perturbation")
+    with pytest.raises(ValueError, match="negative values"):
+        sams_scvi.SAMSVAE(backed, n_latent=4, n_hidden=16)

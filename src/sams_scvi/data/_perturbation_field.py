@@ -10,6 +10,17 @@ import rich
 from scipy import sparse
 from scvi.data.fields import BaseAnnDataField, MuDataWrapper
 
+from ._label_checks import control_like
+
+
+def label_text(value, name: str = "control_value") -> str:
+    """A label as the text it is compared by: labels are read with ``astype(str)``, so ``0`` matches ``"0"``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a label (text or a number), not {value!r}.")
+    return str(value)
+
 
 def parse_perturbations(
     labels: Sequence[str] | pd.Series,
@@ -60,6 +71,7 @@ def parse_perturbations(
             f"(controls as {control_value!r}) or drop the unassigned cells before setup."
         )
     labels = labels.astype(str)
+    control_value = label_text(control_value)
     if dosages is not None:
         dosages = pd.Series(np.asarray(dosages, dtype=object)).astype(str)
         if len(dosages) != len(labels):
@@ -185,7 +197,7 @@ class PerturbationField(BaseAnnDataField):
         self.encode_combinations = encode_combinations
         self._registry_key = registry_key
         self.perturbation_key = perturbation_key
-        self.control_value = control_value
+        self.control_value = label_text(control_value)
         self.delimiter = delimiter
         self.dosage_key = dosage_key
 
@@ -208,7 +220,8 @@ class PerturbationField(BaseAnnDataField):
     def validate_field(self, adata) -> None:
         for key in (self.perturbation_key, self.dosage_key):
             if key is not None and key not in adata.obs:
-                raise KeyError(f"{key!r} is not a column of adata.obs; available columns: {list(adata.obs.columns)}.")
+                columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # not scvi-tools' own
+                raise KeyError(f"{key!r} is not a column of adata.obs; available columns: {columns}.")
 
     def _encode(self, adata, vocabulary=None) -> tuple[sparse.csr_matrix, list[str]]:
         labels = adata.obs[self.perturbation_key]
@@ -225,6 +238,25 @@ class PerturbationField(BaseAnnDataField):
         adata.obsm[self.attr_key] = design
         return design, vocabulary
 
+    def _check_control_spelling(self, adata) -> None:
+        """Raise when labels differ from the control label only in spelling: they would become a perturbation."""
+        labels = pd.unique(adata.obs[self.perturbation_key].astype(str).str.strip())
+        atoms = {name.strip() for label in labels for name in label.split(self.delimiter)}
+        variants = sorted(control_like(atoms, self.control_value))
+        if variants:
+            has_control = self.control_value in atoms
+            raise ValueError(
+                f"adata.obs[{self.perturbation_key!r}] has labels {variants} that differ from the control label "
+                f"{self.control_value!r} only in case, spaces or punctuation; they would be modelled as a "
+                "perturbation. "
+                + (
+                    f"Give the control cells one label, e.g. adata.obs[{self.perturbation_key!r}] = "
+                    f"adata.obs[{self.perturbation_key!r}].replace({{{variants[0]!r}: {self.control_value!r}}})."
+                    if has_control
+                    else f"Pass control_value={variants[0]!r}."
+                )
+            )
+
     def _state(self, adata, design: sparse.csr_matrix, vocabulary: list[str]) -> dict:
         labels = adata.obs[self.perturbation_key].astype(str).str.strip()
         is_control = np.asarray(design.getnnz(axis=1) == 0)
@@ -240,6 +272,7 @@ class PerturbationField(BaseAnnDataField):
 
     def register_field(self, adata) -> dict:
         super().register_field(adata)
+        self._check_control_spelling(adata)
         design, vocabulary = self._encode(adata)
         if len(vocabulary) == 0:
             raise ValueError(

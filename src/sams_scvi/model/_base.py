@@ -24,16 +24,33 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
-from sams_scvi._logging import quiet_dependencies
-from sams_scvi.data._perturbation_field import MuDataPerturbationField, PerturbationField, parse_perturbations
+from sams_scvi._logging import logger, quiet_dependencies
+from sams_scvi.data._label_checks import control_candidates, label_warnings
+from sams_scvi.data._perturbation_field import (
+    MuDataPerturbationField,
+    PerturbationField,
+    label_text,
+    parse_perturbations,
+)
 from sams_scvi.module import SAMSModule
 
+from ._checkpoint import ResumableCheckpoint
 from ._data_splitter import SAMSDataSplitter
 from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
+from ._persistence import check_model_folder, save_atomically
 from ._prediction import PredictionMixin
 from ._training_plan import SAMSTrainingPlan
-from ._utils import _as_positions, _check_counts, _check_finite, _check_gene_names, _seeded
+from ._utils import (
+    _as_positions,
+    _check_counts,
+    _check_finite,
+    _check_gene_names,
+    _check_obs_keys,
+    _check_positive,
+    _layer,
+    _seeded,
+)
 
 # Default length of training. Every benchmark in docs/ trains for at most 120 epochs (TAP-seq: 2,040 steps); longer
 # runs prune the masks of weak perturbations (TAP-seq, 400 epochs: 5 of 14 targets without a mechanism and a lower
@@ -137,12 +154,14 @@ class BasePerturbationModel(
             its own treatment (one-hot; required by :class:`~sams_scvi.SVAEPlus`, the paper's
             ``encode_combos_as_unique``).
         """
+        control_value = label_text(control_value)  # labels are compared as text: 0 matches "0"
         setup_method_args = cls._get_setup_method_args(**locals())
-        _check_finite(adata.layers[layer] if layer is not None else adata.X)
+        _check_obs_keys(adata, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys)
+        _check_finite(_layer(adata, layer))
         fields = [
             # counts are checked by the model, which knows its likelihood (raw counts for "nb")
             LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
-            CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
+            # labels before covariates: a label error then leaves adata.obs as it was (no _scvi_batch column)
             PerturbationField(
                 SAMS_REGISTRY_KEYS.PERTURBATION_KEY,
                 perturbation_key,
@@ -151,6 +170,7 @@ class BasePerturbationModel(
                 dosage_key,
                 encode_combinations,
             ),
+            CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
         cls._register(adata, fields, setup_method_args, **kwargs)
@@ -176,15 +196,21 @@ class BasePerturbationModel(
         modality names, e.g. ``{"rna_layer": "rna", "perturbation_key": "rna"}``. An argument without an entry
         is read from ``mdata`` itself (``mdata.obs``).
         """
+        control_value = label_text(control_value)
         setup_method_args = cls._get_setup_method_args(**locals())
         if modalities is None:
             raise ValueError("`modalities` must name at least the RNA modality, e.g. {'rna_layer': 'rna'}.")
         modalities = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        for argument, modality in modalities.items():
+            if modality is not None and modality not in mdata.mod:
+                raise KeyError(
+                    f"modalities[{argument!r}] is {modality!r}, which is not a modality of the MuData (modalities: "
+                    f"{list(mdata.mod.keys())})."
+                )
         rna = mdata.mod[modalities.rna_layer] if modalities.rna_layer is not None else mdata
-        _check_finite(rna.layers[rna_layer] if rna_layer is not None else rna.X)
+        _check_finite(_layer(rna, rna_layer))
         fields = [
             MuDataLayerField(SAMS_REGISTRY_KEYS.X_KEY, rna_layer, mod_key=modalities.rna_layer, is_count_data=False),
-            MuDataCategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key),
             MuDataPerturbationField(
                 SAMS_REGISTRY_KEYS.PERTURBATION_KEY,
                 perturbation_key,
@@ -194,6 +220,7 @@ class BasePerturbationModel(
                 encode_combinations,
                 mod_key=modalities.perturbation_key,
             ),
+            MuDataCategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key),
             MuDataCategoricalJointObsField(
                 SAMS_REGISTRY_KEYS.CAT_COVS_KEY,
                 categorical_covariate_keys,
@@ -207,13 +234,17 @@ class BasePerturbationModel(
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(data, **kwargs)
         state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+        control, delimiter = state["control_value"], state["delimiter"]
+        messages = label_warnings(state["observed_labels"], state["vocabulary"], control, delimiter)
         if state["n_control_cells"] == 0:
-            warnings.warn(
-                f"No cells are labelled {state['control_value']!r}: the model can be trained, but average treatment "
-                "effects (estimate_ate) need control cells to define the unperturbed state.",
-                UserWarning,
-                stacklevel=4,
+            candidates = control_candidates([*state["observed_labels"], *state["vocabulary"]])
+            messages.append(
+                f"No cells are labelled {control!r}: the model can be trained, but average treatment effects "
+                "(estimate_ate) need control cells to define the unperturbed state."
+                + (f" Labels {candidates} look like controls: pass control_value={candidates[0]!r}." if candidates else "")
             )
+        for message in messages:
+            warnings.warn(message, UserWarning, stacklevel=3)  # the user's setup_anndata call
         cls.register_manager(adata_manager)
 
     # ------------------------------------------------------------------ training
@@ -229,6 +260,9 @@ class BasePerturbationModel(
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        resume: bool = False,
         **trainer_kwargs,
     ):
         """Train with Adam on the plated ELBO (spec §3).
@@ -259,6 +293,17 @@ class BasePerturbationModel(
             warm-up** (``n_epochs_kl_warmup=None``).
         datasplitter_kwargs
             Arguments of :class:`scvi.dataloaders.DataSplitter`.
+        checkpoint_dir
+            Folder for a training checkpoint, ``checkpoint_dir/last.ckpt``, written every
+            ``checkpoint_every_n_epochs`` epochs and at the end (module and optimiser state, epoch counters and
+            random states).
+        checkpoint_every_n_epochs
+            Epochs between checkpoints.
+        resume
+            Continue from ``checkpoint_dir/last.ckpt`` if it exists (otherwise start from the beginning, so the
+            same call works for the first run and after a crash). Create the model as before (same data, seed
+            and arguments) and call ``train`` with the same arguments: the resumed run ends with the parameters
+            the uninterrupted run would have had. ``history`` then covers only the resumed epochs.
         **trainer_kwargs
             Arguments of :class:`scvi.train.Trainer` / Lightning (e.g. ``enable_progress_bar``,
             ``check_val_every_n_epoch``, ``gradient_clip_val``).
@@ -274,6 +319,17 @@ class BasePerturbationModel(
         }
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if checkpoint_dir is not None:
+            _check_positive("checkpoint_every_n_epochs", checkpoint_every_n_epochs, integer=True)
+            checkpoint = ResumableCheckpoint(checkpoint_dir, every_n_epochs=int(checkpoint_every_n_epochs))
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), checkpoint]
+            if resume and checkpoint.last_path.exists():
+                if trainer_kwargs.get("ckpt_path") is not None:
+                    raise ValueError("Pass either resume=True or ckpt_path, not both.")
+                trainer_kwargs["ckpt_path"] = str(checkpoint.last_path)
+                logger.info("Resuming training from %s", checkpoint.last_path)
+        elif resume:
+            raise ValueError("resume=True needs the checkpoint_dir that the interrupted run wrote to.")
         if max_epochs is None and trainer_kwargs.get("datamodule") is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         # Adam's weight decay drives weights on all-zero inputs into float32 denormals, which are ~5x slower
@@ -343,16 +399,47 @@ class BasePerturbationModel(
         return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
-        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
-        _check_gene_names(self._gene_names, adata, self.registry_)
-        return adata
+        if adata is not None:  # before scvi-tools' check, whose message does not say which genes differ
+            _check_gene_names(self._gene_names, adata, self.registry_)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model (and, with ``save_anndata=True``, its AnnData) to the folder ``dir_path``.
+
+        Files are written to a temporary folder beside ``dir_path`` and moved into place when complete, so a
+        crash while saving leaves no half-written model: ``dir_path`` holds the previous save or nothing. See
+        :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
+        """
+        save_atomically(
+            lambda staging: super(BasePerturbationModel, self).save(
+                str(staging),
+                prefix=prefix,
+                overwrite=True,
+                save_anndata=save_anndata,
+                save_kwargs=save_kwargs,
+                **anndata_write_kwargs,
+            ),
+            dir_path,
+            overwrite,
+        )
 
     @classmethod
     def load(cls, dir_path: str, adata=None, **kwargs):
         """Load a saved model; ``adata`` must hold the same genes, in the same order, as the training data.
 
-        See :meth:`scvi.model.base.BaseModelClass.load` for the arguments.
+        A missing, incomplete or damaged folder raises an error that says which. See
+        :meth:`scvi.model.base.BaseModelClass.load` for the arguments.
         """
+        if kwargs.get("backup_url") is None:
+            check_model_folder(dir_path, kwargs.get("prefix"), needs_data=adata is None)
         if adata is not None and adata is not False:
             registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
             genes = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]

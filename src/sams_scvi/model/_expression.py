@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scvi.model.base import RNASeqMixin
+from scvi.model.base import RNASeqMixin, VAEMixin
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
@@ -154,4 +154,18 @@ class ExpressionMixin:
                 raise ValueError(f"Unknown batch {value!r}; the model's batches are {mapping}.")
         return codes
 
-    differential_expression = RNASeqMixin.differential_expression
+    def differential_expression(self, *args, seed: int | None = 0, **kwargs) -> pd.DataFrame:
+        """scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.differential_expression`, reproducible by ``seed``.
+
+        All arguments are scvi-tools'; ``seed`` fixes the Monte-Carlo draws (``None``: the global random state).
+        """
+        with _seeded(seed, self.device):
+            return RNASeqMixin.differential_expression(self, *args, **kwargs)
+
+    def get_reconstruction_error(self, *args, seed: int | None = 0, **kwargs) -> dict[str, float]:
+        """scvi-tools' :meth:`~scvi.model.base.VAEMixin.get_reconstruction_error`, reproducible by ``seed``.
+
+        One posterior sample per cell; ``seed`` fixes it (``None``: the global random state).
+        """
+        with _seeded(seed, self.device):
+            return VAEMixin.get_reconstruction_error(self, *args, **kwargs)

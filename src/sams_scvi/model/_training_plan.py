@@ -148,9 +148,9 @@ class SAMSTrainingPlan(TrainingPlan):
             self.module.align_mechanism(self.align_threshold, self.align_mask_logit)
             for optimizer in self.trainer.optimizers:  # Adam's moments refer to the old basis
                 optimizer.state.clear()
-            self.module.mechanism.mask_logits.requires_grad_(release_epoch <= align_epoch)
-        elif self.current_epoch == release_epoch:
-            self.module.mechanism.mask_logits.requires_grad_(True)
+        # set every epoch (not only at the switches), so a run resumed from a checkpoint holds the masks too
+        held = align_epoch <= self.current_epoch < release_epoch
+        self.module.mechanism.mask_logits.requires_grad_(not held)
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -16,25 +16,60 @@ def _latent_names(n: int) -> pd.Index:
     return pd.Index([f"latent_{k}" for k in range(n)], name="latent")
 
 
+def _layer(adata, layer: str | None):
+    """``adata.layers[layer]`` (``adata.X`` for ``None``), with an error that lists the layers there are."""
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} is not in adata.layers (layers: {list(adata.layers.keys())}); pass the layer that "
+            "holds the raw counts, or layer=None for adata.X."
+        )
+    return adata.layers[layer]
+
+
+def _stored_values(x, chunk_rows: int = 10_000):
+    """The stored values of a matrix, in row chunks: numpy, scipy sparse, or backed (h5py/anndata) on disk."""
+    if sparse.issparse(x):
+        yield x.data
+    elif isinstance(x, np.ndarray) or not hasattr(x, "shape"):
+        yield np.asarray(x)
+    else:  # backed AnnData: read a block of rows at a time instead of the whole matrix
+        for start in range(0, x.shape[0], chunk_rows):
+            block = x[start : start + chunk_rows]
+            yield block.data if sparse.issparse(block) else np.asarray(block)
+
+
+def _check_obs_keys(adata, **keys: str | list[str] | None) -> None:
+    """Raise a clear error when a key argument (``batch_key=...``) names no column of ``adata.obs``."""
+    columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # not scvi-tools' own
+    for argument, value in keys.items():
+        for key in [value] if isinstance(value, str) else (value or []):
+            if key not in adata.obs:
+                raise KeyError(f"{argument}={key!r} is not a column of adata.obs; available columns: {columns}.")
+
+
 def _check_finite(x) -> None:
     """Raise on NaN or infinite values."""
-    values = x.data if sparse.issparse(x) else np.asarray(x)
-    if values.size and not np.all(np.isfinite(values)):
-        raise ValueError("The expression matrix has NaN or infinite values.")
+    for values in _stored_values(x):
+        if values.size and not np.all(np.isfinite(values)):
+            raise ValueError("The expression matrix has NaN or infinite values.")
 
 
 def _check_counts(x) -> None:
     """Raise on negative values and warn on non-integers: the negative binomial models raw counts."""
-    values = x.data if sparse.issparse(x) else np.asarray(x)
-    if values.size == 0:
-        return
-    if np.min(values) < 0:
-        raise ValueError(
-            "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
-            "normalised or scaled data, create the model with likelihood='normal'."
-        )
-    sample = values.ravel()[:: max(1, values.size // 100_000)]  # scvi-tools checks a sample too
-    if not np.all(sample == np.round(sample)):
+    integers = True
+    for values in _stored_values(x):
+        if values.size == 0:
+            continue
+        if np.min(values) < 0:
+            raise ValueError(
+                "The count matrix has negative values; the negative binomial likelihood models raw UMI counts. For "
+                "normalised or scaled data, create the model with likelihood='normal'."
+            )
+        sample = values.ravel()[:: max(1, values.size // 100_000)]  # scvi-tools checks a sample too
+        integers = integers and bool(np.all(sample == np.round(sample)))
+    if not integers:
         warnings.warn(
             "The data are not integers, as unnormalized count data would be; the negative binomial likelihood "
             "models raw UMI counts. For normalised data, create the model with likelihood='normal'.",
@@ -48,13 +83,17 @@ def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:
     mod_key = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["data_registry"].get("mod_key")
     target = adata.mod[mod_key] if mod_key is not None else adata
     var_names = pd.Index(target.var_names)
-    if len(var_names) != len(genes) or not var_names.equals(genes):
-        missing = genes.difference(var_names)
-        raise ValueError(
-            f"The data has {len(var_names)} genes but the model was trained on {len(genes)}"
-            + (f"; {len(missing)} model genes are missing (e.g. {list(missing[:5])})" if len(missing) else "")
-            + ". Subset and order the data to the model's genes: adata[:, model_genes]."
-        )
+    if var_names.equals(genes):
+        return
+    fix = "Subset and order the data to the training genes: adata[:, training_genes], in the training order."
+    missing = genes.difference(var_names)
+    if len(missing) == 0 and len(var_names) == len(genes):
+        raise ValueError(f"The data has the model's {len(genes)} genes, but in another order. {fix}")
+    raise ValueError(
+        f"The data has {len(var_names)} genes but the model was trained on {len(genes)}"
+        + (f"; {len(missing)} model genes are missing (e.g. {list(missing[:5])})" if len(missing) else "")
+        + f". {fix}"
+    )
 
 
 class _seeded:
