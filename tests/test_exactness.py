@@ -120,7 +120,8 @@ def test_gaussian_likelihood_matches_reference_loss_and_gradients(mechanism, opt
     _check_against_reference(mechanism, options, "normal")
 
 
-def _check_against_reference(mechanism: str, options: dict, likelihood: str) -> None:
+def _module(mechanism: str, options: dict, likelihood: str = "nb"):
+    """A float64 module with every parameter perturbed, the data, the training counts and the parameters."""
     torch.manual_seed(0)
     x, design = _data()
     if likelihood == "normal":  # normalised values: negative and non-integer
@@ -138,6 +139,11 @@ def _check_against_reference(mechanism: str, options: dict, likelihood: str) -> 
         for p in module.parameters():
             p.add_(0.1 * torch.randn_like(p))
     params = [p for p in module.parameters() if p.requires_grad]
+    return module, x, design, counts, params
+
+
+def _check_against_reference(mechanism: str, options: dict, likelihood: str) -> None:
+    module, x, design, counts, params = _module(mechanism, options, likelihood)
 
     def run(fast: bool):
         torch.manual_seed(1)
@@ -159,6 +165,60 @@ def _check_against_reference(mechanism: str, options: dict, likelihood: str) -> 
             assert a is None and b is None, "a parameter is used by one computation only"
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m, p=p: f"{tuple(p.shape)}: {m}")
+
+
+WITH_GLOBALS = [option for option in OPTIONS if option[0] != "none"] + [("sparse", {"penetrance": True})]
+
+
+@pytest.mark.parametrize(("mechanism", "options"), WITH_GLOBALS)
+def test_a_minibatch_needs_only_the_globals_of_its_perturbations(mechanism, options):
+    """Training draws the globals of the perturbations present in the minibatch only (the step's cost then follows
+    the batch, not the screen). For the same draw of those globals, the loss and every gradient equal the
+    computation with all T perturbations' globals: the absent ones enter neither the likelihood nor the KL share."""
+    module, x, design, _, params = _module(mechanism, options)
+    design = design.clone()
+    design[:, 2] = 0  # perturbation 2 has no cell in this minibatch
+    columns = SAMSModule.present_perturbations(design)
+    assert columns.tolist() == [0, 1, 3]
+
+    def run(restricted: bool):
+        torch.manual_seed(1)
+        globals_ = module.sample_globals(S)
+        if restricted:
+            globals_ = {**{key: value[:, columns] for key, value in globals_.items()}, "columns": columns}
+        torch.manual_seed(2)
+        _, _, out = module({"X": x, "perturbation": design}, inference_kwargs={"global_samples": globals_})
+        return out.loss, torch.autograd.grad(out.loss, params, allow_unused=True)
+
+    full_loss, full_grads = run(restricted=False)
+    loss, grads = run(restricted=True)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=1e-12)
+    for p, a, b in zip(params, grads, full_grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, p=p: f"{tuple(p.shape)}: {m}")
+
+
+@pytest.mark.parametrize("guide", ["correlated", "mean_field"])
+def test_drawing_some_perturbations_uses_their_own_posterior(guide):
+    """q(E | M) of a subset of perturbations is the subset of q(E | M): the guide is per perturbation."""
+    module, *_ = _module("sparse", {"guide": guide})
+    mechanism = module.mechanism
+    columns = torch.tensor([3, 1])
+    mask = (torch.rand(S, T, K, dtype=torch.float64) > 0.5).double()
+    full, part = mechanism.embedding_posterior(mask), mechanism.embedding_posterior(mask[:, columns], columns)
+    for attribute in ("loc", "scale"):
+        whole = getattr(full, attribute)
+        whole = whole if whole.dim() == 3 else whole[None]
+        some = getattr(part, attribute)
+        some = some if some.dim() == 3 else some[None]
+        torch.testing.assert_close(some, whole[:, columns].expand_as(some))
+    drawn = mechanism.sample(4000, columns=columns, with_kl=True)
+    assert drawn["shift"].shape == (4000, 2, K) and drawn["kl"].shape == (4000, 2)
+    # masks drawn at the subset's own logits
+    probability = torch.sigmoid(mechanism.mask_logits[columns])
+    assert (drawn["mask"].mean(0) - probability).abs().max() < 0.05
 
 
 def test_mean_terms_with_cells_without_counts():

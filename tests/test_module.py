@@ -50,8 +50,11 @@ def test_shapes_for_every_guide_and_encoder(guide, mean_field_encoder, covariate
     assert inference["z_basal"].shape == (S, N, K)
     assert inference["z"].shape == (S, N, K)
     assert inference["offset"].shape == (S, N, K)
-    assert inference["globals"]["mask"].shape == (S, T, K)
-    assert inference["globals"]["kl"].shape == (S, T)
+    # a minibatch draws the globals of the perturbations its cells carry, no others
+    present = (tensors["perturbation"] != 0).any(0).nonzero(as_tuple=True)[0]
+    assert torch.equal(inference["globals"]["columns"], present) and len(present) < T
+    assert inference["globals"]["mask"].shape == (S, len(present), K)
+    assert inference["globals"]["kl"].shape == (S, len(present))
     assert generative["mu"].shape == (S, N, G)
     assert generative["rho"].sum(-1).allclose(torch.ones(S, N))
     assert loss.reconstruction_loss["reconstruction_loss"].shape == (N,)
@@ -67,8 +70,9 @@ def test_offset_is_design_times_masked_embedding():
     module = SAMSModule(G, T, n_latent=K, n_hidden=16, n_particles=S)
     tensors = _tensors()
     inference = module.inference(tensors["X"], tensors["perturbation"])
-    g = inference["globals"]
-    expected = torch.einsum("nt,stk->snk", tensors["perturbation"], g["mask"] * g["embedding"])
+    g = inference["globals"]  # of the perturbations present, g["columns"]
+    design = tensors["perturbation"][:, g["columns"]]
+    expected = torch.einsum("nt,stk->snk", design, g["mask"] * g["embedding"])
     torch.testing.assert_close(inference["offset"], expected)
     torch.testing.assert_close(inference["z"] - inference["z_basal"], expected)
 

@@ -5,7 +5,9 @@ per particle, the latent shift of each atomic perturbation and the KL-type term 
 
 * ``sample(S)`` -> ``{"shift": (S, T, K), "kl": (S, T), ...}``, with
   :math:`\mathrm{kl}_{st} = \sum_k \log q(\cdot_{tk}) - \log p(\cdot_{tk})` (a single-sample estimate;
-  ``sample(S, with_kl=False)`` leaves it out, for inference);
+  ``sample(S, with_kl=False)`` leaves it out, for inference); ``sample(S, columns=c)`` draws only the
+  perturbations ``c`` (C,), giving (S, C, K) and (S, C): a minibatch needs only the globals of the perturbations
+  its cells carry, and the globals are independent across perturbations under both ``q`` and ``p``;
 * ``point()`` -> the posterior point estimate, ``{"shift": (1, T, K), ...}``;
 * ``variational_parameters()`` -> the free per-perturbation parameters (for their own learning rate).
 
@@ -122,16 +124,26 @@ class SparseMechanism(nn.Module):
             return [self.mask_logits, self.perturbation_onehot.weight]
         return [self.mask_logits, self.embedding_loc, self.embedding_log_scale]
 
-    def embedding_posterior(self, mask: torch.Tensor) -> Normal:
-        """:math:`q(E \\mid M)` for masks of shape (S, T, K) (the mean-field guide ignores ``mask``)."""
-        if self.guide == "correlated":
-            return self.embedding_encoder(mask, shift=self.perturbation_onehot.weight)
-        return Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
+    def embedding_posterior(self, mask: torch.Tensor, columns: torch.Tensor | None = None) -> Normal:
+        """:math:`q(E \\mid M)` for masks of shape (S, T, K), or (S, C, K) of the perturbations ``columns``.
 
-    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
-        logits = self.mask_logits.expand(n_particles, -1, -1)
+        The mean-field guide ignores ``mask``.
+        """
+        if self.guide == "correlated":
+            rows = self.perturbation_onehot.weight
+            return self.embedding_encoder(mask, shift=rows if columns is None else rows[columns])
+        loc, log_scale = self.embedding_loc, self.embedding_log_scale
+        if columns is not None:
+            loc, log_scale = loc[columns], log_scale[columns]
+        return Normal(loc, log_scale.exp() + 1e-4)
+
+    def sample(
+        self, n_particles: int, with_kl: bool = True, columns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.mask_logits if columns is None else self.mask_logits[columns]
+        logits = logits.expand(n_particles, -1, -1)
         mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
-        q_embedding = self.embedding_posterior(mask)
+        q_embedding = self.embedding_posterior(mask, columns)
         embedding = q_embedding.rsample() if self.guide == "correlated" else q_embedding.rsample((n_particles,))
         out = {"shift": mask * embedding, "mask": mask, "embedding": embedding}
         if with_kl:
@@ -206,8 +218,13 @@ class DenseMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.embedding_loc, self.embedding_log_scale]
 
-    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
-        q_embedding = Normal(self.embedding_loc, self.embedding_log_scale.exp() + 1e-4)
+    def sample(
+        self, n_particles: int, with_kl: bool = True, columns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        loc, log_scale = self.embedding_loc, self.embedding_log_scale
+        if columns is not None:
+            loc, log_scale = loc[columns], log_scale[columns]
+        q_embedding = Normal(loc, log_scale.exp() + 1e-4)
         embedding = q_embedding.rsample((n_particles,))
         out = {"shift": embedding, "embedding": embedding}
         if with_kl:
@@ -269,14 +286,18 @@ class SparsePointMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.mask_logits, self.means]
 
-    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
-        logits = self.mask_logits.expand(n_particles, -1, -1)
-        mask = relaxed_bernoulli_straight_through(logits, self.gumbel_temperature)
-        out = {"shift": mask * self.means, "mask": mask, "embedding": self.means.expand_as(mask)}
+    def sample(
+        self, n_particles: int, with_kl: bool = True, columns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits, means = self.mask_logits, self.means
+        if columns is not None:
+            logits, means = logits[columns], means[columns]
+        mask = relaxed_bernoulli_straight_through(logits.expand(n_particles, -1, -1), self.gumbel_temperature)
+        out = {"shift": mask * means, "mask": mask, "embedding": means.expand_as(mask)}
         if with_kl:
             # log Beta(pi; 1, b) = log b + (b - 1) log(1 - pi), with log(1 - pi) from the logits (stable when saturated)
             beta = self.mask_prior_beta
-            log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-self.mask_logits)
+            log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-logits)
             out["kl"] = (-log_prior.sum(-1)).expand(n_particles, -1)
         return out
 
@@ -303,11 +324,14 @@ class NoMechanism(nn.Module):
     def variational_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def sample(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
+    def sample(
+        self, n_particles: int, with_kl: bool = True, columns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         zeros = self._anchor.new_zeros
-        out = {"shift": zeros(n_particles, self.n_perturbations, self.n_latent)}
+        n_columns = self.n_perturbations if columns is None else len(columns)
+        out = {"shift": zeros(n_particles, n_columns, self.n_latent)}
         if with_kl:
-            out["kl"] = zeros(n_particles, self.n_perturbations)
+            out["kl"] = zeros(n_particles, n_columns)
         return out
 
     @torch.no_grad()

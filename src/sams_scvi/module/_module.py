@@ -178,16 +178,26 @@ class SAMSModule(BaseModuleClass):
         return self.mechanism.variational_parameters() + extra
 
     @property
+    def _draws_present_only(self) -> bool:
+        """Whether a minibatch draws only the globals of the perturbations it carries.
+
+        True for every mechanism with per-perturbation globals; the conditional VAE has none (its networks read
+        the whole treatment vector).
+        """
+        return self.mechanism.has_shift and not self.mechanism.treatment_in_networks
+
+    @property
     def models_penetrance(self) -> bool:
         """Whether cells respond to their perturbations only with probability :math:`\\pi_t`."""
         return self.penetrance_logit is not None
 
-    def response_branches(self, design: torch.Tensor) -> dict[str, torch.Tensor]:
+    def response_branches(self, design: torch.Tensor, columns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         r"""Every response pattern :math:`u_i \in \{0, 1\}^{k_i}` of each cell's :math:`k_i` perturbations.
 
         Returns ``design`` (R, T), the cell's design with the non-responding perturbations removed, ``cells`` (R,)
         and ``branch`` (R,) (branch 0: every perturbation acts, so a control cell has one row), and
-        ``log_prior`` (R,) :math:`\sum_t \log \pi_t^{u_t} (1 - \pi_t)^{1 - u_t}`.
+        ``log_prior`` (R,) :math:`\sum_t \log \pi_t^{u_t} (1 - \pi_t)^{1 - u_t}`. ``columns``: the perturbations
+        of the design's columns, if it holds only some (see :meth:`present_perturbations`).
         """
         present = design != 0
         n_present = present.sum(-1)
@@ -198,8 +208,9 @@ class SAMSModule(BaseModuleClass):
                 f"{most} > {MAX_ENUMERATED_PERTURBATIONS}. Train without penetrance for such designs."
             )
         rank = (present.cumsum(-1) - 1).clamp(min=0)
-        log_on = torch.nn.functional.logsigmoid(self.penetrance_logit)
-        log_off = torch.nn.functional.logsigmoid(-self.penetrance_logit)
+        logit = self.penetrance_logit if columns is None else self.penetrance_logit[columns]
+        log_on = torch.nn.functional.logsigmoid(logit)
+        log_off = torch.nn.functional.logsigmoid(-logit)
         parts = {"design": [], "cells": [], "branch": [], "log_prior": []}
         for branch in range(2**most):
             cells = (n_present > (branch.bit_length() - 1)).nonzero(as_tuple=True)[0]
@@ -254,13 +265,29 @@ class SAMSModule(BaseModuleClass):
             raise AttributeError(f"The {self.mechanism_name!r} mechanism has no masks.")
         return self.mechanism.mask_logits
 
-    def sample_globals(self, n_particles: int, with_kl: bool = True) -> dict[str, torch.Tensor]:
+    def sample_globals(
+        self, n_particles: int, with_kl: bool = True, columns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Draw the globals from q per particle: ``shift`` (S, T, K), ``kl`` (S, T) and the mechanism's variables.
 
         ``kl[s, t]`` is the single-sample estimate :math:`\\sum_k \\log q - \\log p` of perturbation ``t``'s globals
         (for SAMS-VAE, of :math:`(m_{tk}, e_{tk})`); ``with_kl=False`` skips it (about half the cost at inference).
+        ``columns`` (C,): draw only these perturbations' globals, (S, C, K) and (S, C), and return ``columns`` too;
+        the design is then read through :meth:`restrict_design`.
         """
-        return self.mechanism.sample(n_particles, with_kl=with_kl)
+        out = self.mechanism.sample(n_particles, with_kl=with_kl, columns=columns)
+        return out if columns is None else {**out, "columns": columns}
+
+    @staticmethod
+    def present_perturbations(design: torch.Tensor) -> torch.Tensor:
+        """Columns (C,) of the perturbations that some cell of ``design`` (n, T) carries."""
+        return (design != 0).any(0).nonzero(as_tuple=True)[0]
+
+    @staticmethod
+    def restrict_design(design: torch.Tensor, global_samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``design`` (n, T) reduced to the columns whose globals ``global_samples`` holds (all, by default)."""
+        columns = global_samples.get("columns")
+        return design if columns is None else design[:, columns]
 
     @torch.no_grad()
     def point_globals(self) -> dict[str, torch.Tensor]:
@@ -458,10 +485,14 @@ class SAMSModule(BaseModuleClass):
         (:meth:`response_branches`, whose outputs are added as ``branches``).
         """
         if global_samples is None:
-            global_samples = self.sample_globals(n_samples or self.n_particles)
+            # only the perturbations this minibatch carries: the plated ELBO charges no other perturbation's
+            # globals, so drawing all T of them made a step's cost grow with the screen instead of the batch
+            columns = self.present_perturbations(design) if self._draws_present_only else None
+            global_samples = self.sample_globals(n_samples or self.n_particles, columns=columns)
+        design = self.restrict_design(design, global_samples)
         branches = None
         if self.models_penetrance:
-            branches = self.response_branches(design)
+            branches = self.response_branches(design, global_samples.get("columns"))
             x, design = x[branches["cells"]], branches["design"]
         n_particles = global_samples["shift"].shape[0]
         offset = self.latent_offset(design, global_samples["shift"])
@@ -510,14 +541,20 @@ class SAMSModule(BaseModuleClass):
         return {"rho": rho, "mu": mu, "theta": self.log_dispersion.exp()}
 
     def global_kl_share(
-        self, design: torch.Tensor, kl: torch.Tensor, perturbation_counts: torch.Tensor | None = None
+        self,
+        design: torch.Tensor,
+        kl: torch.Tensor,
+        perturbation_counts: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Charge each cell :math:`\\sum_t 1[d_{it} \\neq 0]\\,\\mathrm{KL}_t / n_t` (n_t = cells with t; 0 if none).
 
         Summed over the cells whose counts are ``n_t``, every perturbation's KL is counted exactly once.
-        ``kl`` is (S, T); returns (S, n).
+        ``kl`` is (S, T); returns (S, n). ``columns``: the perturbations of the design's and ``kl``'s columns, if
+        they hold only some.
         """
         counts = self.train_perturbation_counts if perturbation_counts is None else perturbation_counts
+        counts = counts if columns is None else counts[columns]
         inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
         weights = (design != 0).to(kl.dtype) * inverse
         return kl @ weights.T
@@ -558,7 +595,9 @@ class SAMSModule(BaseModuleClass):
         Under penetrance the local term is :math:`\\log \\sum_u \\pi(u) \\exp \\mathrm{ELBO}_u` and the global share
         also carries :math:`-\\log \\mathrm{Beta}(\\pi_t \\mid a, 1)` (a MAP penalty on the point estimates).
         """
-        design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY]
+        global_samples = inference_outputs["globals"]
+        columns = global_samples.get("columns")
+        design = self.restrict_design(tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY], global_samples)
         log_likelihood, kl_basal = self.local_terms(tensors, inference_outputs, generative_outputs)
         local_elbo = log_likelihood - kl_weight * kl_basal
         branches = inference_outputs.get("branches")
@@ -570,14 +609,13 @@ class SAMSModule(BaseModuleClass):
                 1, branches["cells"], posterior * log_likelihood
             )
             kl_basal = (log_likelihood - local_elbo) / kl_weight if kl_weight > 0 else torch.zeros_like(local_elbo)
-        global_terms = inference_outputs["globals"]["kl"]
+        global_terms = global_samples["kl"]
         if self.models_penetrance and self.penetrance_prior != 1.0:
             # -log Beta(pi_t | a, 1) up to a constant, charged once per perturbation like its KL (a MAP penalty on
             # the point estimate pi_t: get_elbo and get_marginal_ll leave it out)
-            global_terms = global_terms - (self.penetrance_prior - 1.0) * torch.nn.functional.logsigmoid(
-                self.penetrance_logit
-            )
-        kl_global = self.global_kl_share(design, global_terms, perturbation_counts)
+            logit = self.penetrance_logit if columns is None else self.penetrance_logit[columns]
+            global_terms = global_terms - (self.penetrance_prior - 1.0) * torch.nn.functional.logsigmoid(logit)
+        kl_global = self.global_kl_share(design, global_terms, perturbation_counts, columns)
         loss = (-local_elbo + kl_weight * kl_global).mean()
         return LossOutput(
             loss=loss,
