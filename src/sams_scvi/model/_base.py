@@ -284,7 +284,9 @@ class BasePerturbationModel(
         early_stopping
             Stop when the validation ELBO stops improving (validation is then run every epoch).
         accelerator, devices
-            Lightning device selection (``"auto"`` uses a GPU when one is present).
+            Lightning device selection (``"auto"`` uses a GPU when one is present). For distributed data-parallel
+            training pass ``strategy="ddp"`` (and ``devices=n``) and run from a script; each process then sees
+            ``1/n`` of every epoch's cells, and each perturbation's global KL is still charged once per epoch.
         plan_kwargs
             Arguments of :class:`~sams_scvi.model.SAMSTrainingPlan` (e.g. ``global_lr_factor``, ``align_at``,
             ``mask_hold``, whose defaults come from the model's ``recipe``) and :class:`scvi.train.TrainingPlan`.
@@ -319,6 +321,10 @@ class BasePerturbationModel(
         }
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if trainer_kwargs.get("strategy") == "ddp":
+            # recipes that hold the masks fixed for part of training switch their gradients off, which plain DDP
+            # rejects as "parameters that were not used in producing the loss"
+            trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
         if checkpoint_dir is not None:
             _check_positive("checkpoint_every_n_epochs", checkpoint_every_n_epochs, integer=True)
             checkpoint = ResumableCheckpoint(checkpoint_dir, every_n_epochs=int(checkpoint_every_n_epochs))

@@ -157,6 +157,28 @@ class SAMSTrainingPlan(TrainingPlan):
         if self.align_at is not None:
             self.module.mechanism.mask_logits.requires_grad_(True)
 
+    def compute_and_log_metrics(self, loss_output, metrics: dict, mode: str) -> None:
+        """scvi-tools' metrics, with the module's extra metrics logged outside ``torch.inference_mode``.
+
+        scvi-tools logs extra metrics inside ``inference_mode``, so during training Lightning's accumulators for them
+        become inference tensors, which distributed training cannot reduce in place at the end of the epoch
+        ("Inplace update to inference tensor outside InferenceMode"). Validation runs in inference mode anyway.
+        """
+        extra, loss_output.extra_metrics = loss_output.extra_metrics, {}
+        try:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+        finally:
+            loss_output.extra_metrics = extra
+        for key, value in (extra or {}).items():
+            self.log(
+                f"{key}_{mode}",
+                value.detach() if isinstance(value, torch.Tensor) else value,
+                on_step=self.on_step,
+                on_epoch=self.on_epoch,
+                batch_size=loss_output.n_obs_minibatch,
+                sync_dist=self.use_sync_dist,
+            )
+
     def on_validation_epoch_start(self) -> None:
         if getattr(self, "_validation_counts", None) is not None:
             self.loss_kwargs["perturbation_counts"] = self._validation_counts.to(self.module.x_log_mean.device)
