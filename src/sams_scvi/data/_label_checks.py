@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 # Separators screens use between the perturbations of a combination; a label that splits on one of these into
 # perturbations of the screen suggests the wrong `delimiter`.
-SEPARATORS = ("+", "_", ",", ";", "|", "&", "/", "::", ":", "-", " ")
+SEPARATORS = ("+", "_", ",", ";", "|", "&", "/", "::", ":", " ")  # not "-": gene names such as HLA-A
 # Names screens give their unperturbed cells, folded (see `_fold`).
 CONTROL_NAMES = {
     "control", "ctrl", "ctl", "nontargeting", "nt", "ntc", "nontarget", "safetargeting", "negative", "neg",
