@@ -212,3 +212,11 @@ def test_backed_anndata_with_negative_values_is_rejected(tmp_path):
     sams_scvi.SAMSVAE.setup_anndata(backed, perturbation_key="perturbation")
     with pytest.raises(ValueError, match="negative values"):
         sams_scvi.SAMSVAE(backed, n_latent=4, n_hidden=16)
+
+
+def test_missing_modality_is_named():
+    mudata = pytest.importorskip("mudata")
+    adata = _screen()
+    mdata = mudata.MuData({"rna": adata})
+    with pytest.raises(KeyError, match=r"'RNA', which is not a modality of the MuData \(modalities: \['rna'\]\)"):
+        sams_scvi.SAMSVAE.setup_mudata(mdata, perturbation_key="perturbation", modalities={"rna_layer": "RNA"})
