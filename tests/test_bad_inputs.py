@@ -62,6 +62,54 @@ BAD_CALLS = {
             m, indices=np.flatnonzero(a.obs["perturbation"].isin(["control", "p0"])), perturbations=["p1"],
             progress_bar=False),
         ValueError, "no observed cells"),
+    # training arguments: checked before Lightning starts (-1 trained forever, 0 and 1.5 passed or asserted)
+    "train max_epochs=-1": (lambda m, a: m.train(max_epochs=-1, **TRAIN_KW), ValueError, "`max_epochs` must be a positive"),
+    "train max_epochs=1.5": (lambda m, a: m.train(max_epochs=1.5, **TRAIN_KW), ValueError, "`max_epochs` must be a posi"),
+    "train max_epochs=0": (lambda m, a: m.train(max_epochs=0, **TRAIN_KW), ValueError, "`max_epochs` must be a positive"),
+    "train batch_size=0": (
+        lambda m, a: m.train(max_epochs=1, batch_size=0, **TRAIN_KW), ValueError, "`batch_size` must be a positive"),
+    "train train_size=0": (lambda m, a: m.train(max_epochs=1, train_size=0, **TRAIN_KW), ValueError, r"in \(0, 1\]"),
+    "train validation_size=-0.1": (
+        lambda m, a: m.train(max_epochs=1, validation_size=-0.1, **TRAIN_KW), ValueError, "`validation_size` must"),
+    "train early_stopping without validation cells": (
+        lambda m, a: m.train(max_epochs=1, early_stopping=True, train_size=1.0, **TRAIN_KW),
+        ValueError, r"early_stopping needs validation cells \(train_size < 1\)"),
+    "train unknown plan_kwargs": (
+        lambda m, a: m.train(max_epochs=1, plan_kwargs={"lrr": 1}, **TRAIN_KW), TypeError, r"Unknown plan_kwargs \['lrr'\]"),
+    "train checkpoint_dir that is a file": (
+        lambda m, a: m.train(max_epochs=1, checkpoint_dir=__file__, **TRAIN_KW), NotADirectoryError, "not a folder"),
+    # model settings: checked at construction (0 built a meaningless model, negative or 2.5 failed inside torch)
+    "model n_latent=0": (lambda m, a: sams_scvi.SAMSVAE(a, n_latent=0), ValueError, "`n_latent` must be a positive int"),
+    "model n_latent=-2": (lambda m, a: sams_scvi.SAMSVAE(a, n_latent=-2), ValueError, "`n_latent` must be a positive"),
+    "model n_latent=2.5": (lambda m, a: sams_scvi.SAMSVAE(a, n_latent=2.5), ValueError, "`n_latent` must be a positive"),
+    "model n_hidden=0": (lambda m, a: sams_scvi.SAMSVAE(a, n_hidden=0), ValueError, "`n_hidden` must be a positive int"),
+    "model n_particles=0": (
+        lambda m, a: sams_scvi.SAMSVAE(a, n_particles=0), ValueError, "`n_particles` must be a positive int"),
+    "model embedding_prior_scale=-1": (
+        lambda m, a: sams_scvi.SAMSVAE(a, embedding_prior_scale=-1.0), ValueError, "`embedding_prior_scale` must"),
+    # method arguments
+    "get_elbo n_samples=0": (lambda m, a: m.get_elbo(n_samples=0), ValueError, "`n_samples` must be a positive int"),
+    "get_marginal_ll n_mc_samples=0": (
+        lambda m, a: m.get_marginal_ll(n_mc_samples=0), ValueError, "`n_mc_samples` must be a positive int"),
+    "get_marginal_ll n_mc_samples=-5": (
+        lambda m, a: m.get_marginal_ll(n_mc_samples=-5), ValueError, "`n_mc_samples` must be a positive int"),
+    "normalized expression of an unknown gene": (
+        lambda m, a: m.get_normalized_expression(gene_list=["g0", "nope"]), KeyError, r"not trained on \(e.g. \['nope'\]"),
+    "normalized expression library_size=0": (
+        lambda m, a: m.get_normalized_expression(library_size=0), ValueError, "`library_size` must be a finite pos"),
+    "effective shifts n_samples=2.5": (
+        lambda m, a: m.get_effective_shifts(n_samples=2.5), ValueError, "`n_samples` must be a positive int"),
+    "active dimensions threshold as text": (
+        lambda m, a: m.get_active_dimensions(threshold="0.5"), TypeError, "`threshold` must be a number"),
+    "estimate_ate credible_level as text": (
+        lambda m, a: m.estimate_ate(credible_level="0.9", progress_bar=False), TypeError, "`credible_level` must be a"),
+    "predict n_samples too large for memory": (
+        lambda m, a: m.predict_perturbation(["p0"], indices=[0], n_samples=10**9, progress_bar=False),
+        ValueError, "lower n_samples"),
+    "differential expression by a misspelt column": (
+        lambda m, a: m.differential_expression(groupby="perturbaton"), KeyError, r"available columns: \['perturbation'"),
+    "differential expression of an unknown group": (
+        lambda m, a: m.differential_expression(groupby="perturbation", group1="p9"), ValueError, r"groups are \['"),
 }
 
 
@@ -135,6 +183,7 @@ SETUP_ERRORS = {
     "control_value of the wrong type": (lambda: _screen(), {"control_value": None}, TypeError, "control_value"),
     "empty name in a combination": (
         lambda: _screen(p0={"to": "p0+"}), {}, ValueError, "empty perturbation name"),
+    "no perturbation_key": (lambda: _screen(), {"perturbation_key": None}, TypeError, "perturbation_key is required"),
 }
 
 SETUP_WARNINGS = {
@@ -220,3 +269,56 @@ def test_missing_modality_is_named():
     mdata = mudata.MuData({"rna": adata})
     with pytest.raises(KeyError, match=r"'RNA', which is not a modality of the MuData \(modalities: \['rna'\]\)"):
         sams_scvi.SAMSVAE.setup_mudata(mdata, perturbation_key="perturbation", modalities={"rna_layer": "RNA"})
+
+
+def test_a_view_passed_as_adata_stays_a_view(model_and_data):
+    """scvi-tools makes a view actual in place; the model works on a copy and leaves the user's view alone."""
+    model, adata = model_and_data
+    view = adata[:50]
+    before = view.copy()
+    pred = model.predict_perturbation(["p0"], adata=view, progress_bar=False)
+    assert view.is_view
+    assert pred.n_obs == int((before.obs["perturbation"] == "control").sum())
+    assert np.allclose(model.get_latent(adata=view), model.get_latent(indices=np.arange(50)), atol=1e-5)
+    assert view.is_view
+    _unchanged(view, before)
+
+
+def test_model_loaded_without_data_asks_for_adata(model_and_data, tmp_path):
+    model, adata = model_and_data
+    model.save(tmp_path / "model", overwrite=True)
+    loaded = sams_scvi.SAMSVAE.load(tmp_path / "model", adata=False)
+    for call in (
+        lambda: loaded.predict_perturbation(["p0"], progress_bar=False),
+        lambda: loaded.get_latent(),
+        lambda: loaded.get_normalized_expression(),
+    ):
+        with pytest.raises(ValueError, match=r"loaded without data .*pass adata="):
+            call()
+    assert loaded.predict_perturbation(["p0"], adata=adata.copy(), progress_bar=False).n_obs > 0
+
+
+def test_screening_a_pair_twice_screens_it_once(model_and_data):
+    model, _ = model_and_data
+    with pytest.warns(UserWarning, match="more than once"):
+        screen = model.screen_combinations(["p0+p2", "p2+p0"], n_samples=8, n_posterior_draws=2, progress_bar=False)
+    assert list(screen.obs_names) == ["p0+p2"]
+
+
+def test_expression_and_response_accept_obs_names(model_and_data):
+    model, adata = model_and_data
+    names = list(adata.obs_names[[3, 70, 100]])
+    by_name = model.get_normalized_expression(indices=names, seed=0)
+    assert list(by_name.index) == names
+    assert np.allclose(by_name, model.get_normalized_expression(indices=[3, 70, 100], seed=0))
+    response = model.get_response_probability(indices=names)
+    assert list(response.index) == names
+
+
+def test_a_single_covariate_key_is_read_as_a_list():
+    adata = _screen()
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", categorical_covariate_keys="donor")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    assert model.registry_["setup_args"]["categorical_covariate_keys"] == ["donor"]
+    assert model.summary_stats.n_extra_categorical_covs == 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager
+from scvi.data._utils import _assign_adata_uuid
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -46,6 +49,7 @@ from ._utils import (
     _check_counts,
     _check_finite,
     _check_gene_names,
+    _check_number,
     _check_obs_keys,
     _check_positive,
     _layer,
@@ -57,6 +61,33 @@ from ._utils import (
 # held-out ATE r, docs/model.md). Above 66,667 cells, scvi-tools' budget of 8 million cell passes gives fewer.
 _MAX_EPOCHS = 120
 _CELL_PASSES = 8_000_000
+
+
+def _check_perturbation_key(perturbation_key) -> None:
+    if not isinstance(perturbation_key, str) or not perturbation_key:
+        raise TypeError(
+            f"perturbation_key is required: the name of the adata.obs column with each cell's perturbation label "
+            f"(e.g. perturbation_key='perturbation'), not {perturbation_key!r}."
+        )
+
+
+def _check_plan_kwargs(plan_cls, module, plan_kwargs: dict | None) -> None:
+    """Raise on ``plan_kwargs`` keys that neither the training plan nor the module's loss takes."""
+    known = set()
+    for function in (plan_cls.__init__, *(cls.__init__ for cls in plan_cls.__mro__[1:] if cls is not object)):
+        parameters = inspect.signature(function).parameters.values()
+        known.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    loss = inspect.signature(module.loss).parameters.values()  # scvi-tools passes the rest on to module.loss
+    if any(p.kind is p.VAR_KEYWORD for p in loss):
+        return
+    known.update(p.name for p in loss)
+    known -= {"self", "module", "tensors", "inference_outputs", "generative_outputs"}
+    unknown = sorted(set(plan_kwargs or {}) - known)
+    if unknown:
+        raise TypeError(
+            f"Unknown plan_kwargs {unknown}: neither {plan_cls.__name__} nor scvi-tools' TrainingPlan takes them. "
+            f"Valid keys: {sorted(known)}."
+        )
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -81,6 +112,12 @@ class BasePerturbationModel(
 
     def _build_module(self, n_latent: int, n_hidden: int, n_layers: int, n_particles: int, **module_kwargs) -> None:
         """Create ``self.module`` from the registered data's sizes and the given settings."""
+        for name, value in (("n_latent", n_latent), ("n_hidden", n_hidden), ("n_particles", n_particles)):
+            _check_positive(name, value, integer=True)
+        n_latent, n_hidden, n_particles = int(n_latent), int(n_hidden), int(n_particles)
+        for name in ("embedding_prior_scale", "mask_prior_beta"):
+            if name in module_kwargs:
+                _check_positive(name, module_kwargs[name])
         field_registries = self.registry_["field_registries"]
         n_cats_per_cov = [self.summary_stats.n_batch]
         cat_covs_state = field_registries.get(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
@@ -148,12 +185,16 @@ class BasePerturbationModel(
         %(param_layer)s
         %(param_batch_key)s
         %(param_cat_cov_keys)s
+            A single column name is read as a list of one.
         encode_combinations
             ``"additive"`` (default): a combination's design row is the sum of its perturbations' rows, so
             unseen combinations of seen perturbations can be predicted. ``"unique"``: every distinct label is
             its own treatment (one-hot; required by :class:`~sams_scvi.SVAEPlus`, the paper's
             ``encode_combos_as_unique``).
         """
+        _check_perturbation_key(perturbation_key)
+        if isinstance(categorical_covariate_keys, str):  # one column, not a list of its letters
+            categorical_covariate_keys = [categorical_covariate_keys]
         control_value = label_text(control_value)  # labels are compared as text: 0 matches "0"
         setup_method_args = cls._get_setup_method_args(**locals())
         _check_obs_keys(adata, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys)
@@ -196,6 +237,9 @@ class BasePerturbationModel(
         modality names, e.g. ``{"rna_layer": "rna", "perturbation_key": "rna"}``. An argument without an entry
         is read from ``mdata`` itself (``mdata.obs``).
         """
+        _check_perturbation_key(perturbation_key)
+        if isinstance(categorical_covariate_keys, str):
+            categorical_covariate_keys = [categorical_covariate_keys]
         control_value = label_text(control_value)
         setup_method_args = cls._get_setup_method_args(**locals())
         if modalities is None:
@@ -310,6 +354,9 @@ class BasePerturbationModel(
             Arguments of :class:`scvi.train.Trainer` / Lightning (e.g. ``enable_progress_bar``,
             ``check_val_every_n_epoch``, ``gradient_clip_val``).
         """
+        self._check_train_args(
+            max_epochs, batch_size, train_size, validation_size, early_stopping, plan_kwargs, datasplitter_kwargs
+        )
         plan_kwargs = {
             "lr": lr,
             "eps": 1e-8,
@@ -325,6 +372,11 @@ class BasePerturbationModel(
             # recipes that hold the masks fixed for part of training switch their gradients off, which plain DDP
             # rejects as "parameters that were not used in producing the loss"
             trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise NotADirectoryError(
+                f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder; pass a folder (new or one that an "
+                "earlier run checkpointed to)."
+            )
         if checkpoint_dir is not None:
             _check_positive("checkpoint_every_n_epochs", checkpoint_every_n_epochs, integer=True)
             checkpoint = ResumableCheckpoint(checkpoint_dir, every_n_epochs=int(checkpoint_every_n_epochs))
@@ -354,6 +406,44 @@ class BasePerturbationModel(
                 datasplitter_kwargs=datasplitter_kwargs,
                 **trainer_kwargs,
             )
+
+    def _check_train_args(
+        self,
+        max_epochs,
+        batch_size,
+        train_size,
+        validation_size,
+        early_stopping: bool,
+        plan_kwargs: dict | None,
+        datasplitter_kwargs: dict | None,
+    ) -> None:
+        """Raise before training on arguments that Lightning or scvi-tools would misread, hang on or accept silently."""
+        if max_epochs is not None:  # Lightning reads -1 as "train forever"
+            _check_positive("max_epochs", max_epochs, integer=True)
+        _check_positive("batch_size", batch_size, integer=True)
+        _check_number("train_size", train_size)
+        if not 0 < train_size <= 1:
+            raise ValueError(f"`train_size` must be in (0, 1], the fraction of cells to train on, not {train_size!r}.")
+        if validation_size is not None:
+            _check_number("validation_size", validation_size)
+            if not 0 <= validation_size < 1 or train_size + validation_size > 1:
+                raise ValueError(
+                    f"`validation_size` must be in [0, 1) with train_size + validation_size <= 1, not "
+                    f"{validation_size!r} (train_size={train_size!r}); or None for the cells not trained on."
+                )
+        external = (datasplitter_kwargs or {}).get("external_indexing") is not None
+        if early_stopping and not external:
+            n_cells = self.adata.n_obs if self.adata is not None else None
+            if validation_size is not None:
+                n_validation = int(np.floor(validation_size * n_cells)) if n_cells else validation_size
+            else:
+                n_validation = n_cells - int(np.ceil(train_size * n_cells)) if n_cells else 1 - train_size
+            if n_validation <= 0:
+                raise ValueError(
+                    "early_stopping needs validation cells (train_size < 1): pass e.g. train_size=0.9, or "
+                    "early_stopping=False."
+                )
+        _check_plan_kwargs(self._training_plan_cls, self.module, plan_kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -405,8 +495,22 @@ class BasePerturbationModel(
         return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        """scvi-tools' check and registry transfer; a view is copied instead of being made actual in place.
+
+        Every method that reads cells goes through here, so a model loaded without data (``load(..., adata=False)``)
+        gets one clear error.
+        """
+        if adata is None and self.adata is None:
+            raise ValueError(
+                f"The model was loaded without data ({type(self).__name__}.load(..., adata=False)); pass adata=... "
+                "with the cells to use (the training genes, with the same obs columns as at setup)."
+            )
         if adata is not None:  # before scvi-tools' check, whose message does not say which genes differ
             _check_gene_names(self._gene_names, adata, self.registry_)
+            if copy_if_view and adata.is_view:
+                # scvi-tools would turn the user's view into an actual AnnData in place (_check_if_view)
+                adata = adata.copy()
+                _assign_adata_uuid(adata, overwrite=True)  # its own manager, as scvi-tools gives a copied view
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def save(
@@ -528,6 +632,8 @@ class BasePerturbationModel(
         :math:`\\frac{1}{n}\\big[\\sum_i E_q(\\log p(x_i \\mid z_i) + \\log p(z^b_i) - \\log q(z^b_i))
         - \\sum_{t \\text{ present}} \\mathrm{KL}_t\\big]`, with ``n_samples`` global samples shared by all cells.
         """
+        _check_positive("n_samples", n_samples, integer=True)
+        n_samples = int(n_samples)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         local_terms, present = [], None
@@ -562,6 +668,9 @@ class BasePerturbationModel(
         ``n_samples_per_pass`` at a time, so memory is bounded by ``n_samples_per_pass x batch_size x genes``.
         Returns the mean over cells, or per-cell values (``return_mean=False``).
         """
+        _check_positive("n_mc_samples", n_mc_samples, integer=True)
+        _check_positive("n_samples_per_pass", n_samples_per_pass, integer=True)
+        n_mc_samples, n_samples_per_pass = int(n_mc_samples), int(n_samples_per_pass)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         values = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Literal
 
@@ -13,7 +14,7 @@ from scvi.model.base import RNASeqMixin, VAEMixin
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
-from ._utils import _seeded
+from ._utils import _as_positions, _check_positive, _seeded
 
 
 class ExpressionMixin:
@@ -88,16 +89,28 @@ class ExpressionMixin:
             )
         if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError("`n_samples` must be a positive integer.")
+        if library_size != "latent":
+            if isinstance(library_size, str):
+                raise ValueError(f"`library_size` must be a positive number or 'latent', not {library_size!r}.")
+            _check_positive("library_size", library_size)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
-        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        positions = np.arange(adata.n_obs) if indices is None else _as_positions(adata, indices)
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Pass either `n_samples` or `n_samples_overall`.")
             n_samples = n_samples_overall // max(len(positions), 1) + 1
         batches = self._batch_codes(adata, transform_batch)
         genes = self._gene_names
+        if isinstance(gene_list, str):  # one gene, not its letters
+            gene_list = [gene_list]
         gene_mask = np.ones(len(genes), bool) if gene_list is None else genes.isin(list(gene_list))
+        unknown = [] if gene_list is None else [g for g in gene_list if g not in set(genes)]
+        if unknown:
+            raise KeyError(
+                f"`gene_list` has {len(unknown)} genes the model was not trained on (e.g. {unknown[:5]}); pass names "
+                f"from the training data's var_names (e.g. {list(genes[:3])})."
+            )
         blocks = []
         with _seeded(seed, self.device):
             for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
@@ -158,7 +171,25 @@ class ExpressionMixin:
         """scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.differential_expression`, reproducible by ``seed``.
 
         All arguments are scvi-tools'; ``seed`` fixes the Monte-Carlo draws (``None``: the global random state).
+        A ``groupby`` column or a group that the data does not have raises an error that lists those there are.
         """
+        bound = inspect.signature(RNASeqMixin.differential_expression).bind(self, *args, **kwargs).arguments
+        groupby, data = bound.get("groupby"), self.adata if bound.get("adata") is None else bound["adata"]
+        if groupby is not None and data is not None:
+            obs = data.obs
+            if groupby not in obs:
+                columns = [c for c in obs.columns if not str(c).startswith("_scvi_")]
+                raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; available columns: {columns}.")
+            groups = list(pd.unique(obs[groupby].astype(str)))
+            for name in ("group1", "group2"):
+                value = bound.get(name)
+                values = [value] if isinstance(value, str) or np.isscalar(value) else list(value or [])
+                unknown = [v for v in values if str(v) not in groups]
+                if unknown:
+                    raise ValueError(
+                        f"{name}={value!r} names groups that adata.obs[{groupby!r}] does not have: {unknown}; its "
+                        f"groups are {groups[:20]}."
+                    )
         with _seeded(seed, self.device):
             return RNASeqMixin.differential_expression(self, *args, **kwargs)
 

@@ -13,7 +13,7 @@ from scipy.cluster import hierarchy
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
-from ._utils import _latent_names, _seeded
+from ._utils import _as_positions, _check_number, _check_positive, _latent_names, _seeded
 
 
 class MechanismMixin:
@@ -60,7 +60,7 @@ class MechanismMixin:
             probability = self.module.infer_cells(tensors, globals_)["response_probability"][0]
             carried = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(probability.device) != 0
             blocks.append(torch.where(carried, probability, torch.nan).cpu().numpy())
-        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        positions = np.arange(adata.n_obs) if indices is None else _as_positions(adata, indices)
         return pd.DataFrame(
             np.concatenate(blocks),
             index=adata.obs_names[positions],
@@ -97,8 +97,8 @@ class MechanismMixin:
         cells, escapers included.
         """
         self._require_shift()
-        if n_samples < 1:
-            raise ValueError("`n_samples` must be a positive integer.")
+        _check_positive("n_samples", n_samples, integer=True)
+        n_samples = int(n_samples)
         with _seeded(seed, self.device):
             shift = self.module.sample_globals(n_samples, with_kl=False)["shift"].mean(0)
         if include_penetrance and self.module.models_penetrance:
@@ -117,6 +117,7 @@ class MechanismMixin:
         ``share`` (the dimension's share of the perturbation's squared shift). Perturbations without any active
         dimension have no row.
         """
+        _check_number("threshold", threshold)
         if not 0 < threshold < 1:
             raise ValueError("`threshold` must lie strictly between 0 and 1.")
         probabilities = self.get_mask_probabilities()
@@ -148,6 +149,7 @@ class MechanismMixin:
             return _cosine_similarity(self.get_effective_shifts(n_samples=n_samples, seed=seed))
         if metric not in ("shared_dimensions", "jaccard"):
             raise ValueError("`metric` must be 'cosine', 'shared_dimensions' or 'jaccard'.")
+        _check_number("threshold", threshold)
         if not 0 < threshold < 1:
             raise ValueError("`threshold` must lie strictly between 0 and 1.")
         active = (self.get_mask_probabilities() > threshold).astype(float)
@@ -268,6 +270,7 @@ class MechanismMixin:
         """
         if n_top_genes < 1:
             raise ValueError("`n_top_genes` must be a positive integer.")
+        _check_number("threshold", threshold)
         if threshold < 0.5:
             raise ValueError(
                 "`threshold` must be at least 0.5: below it a dimension's point shift is 0 (mask mode off)."

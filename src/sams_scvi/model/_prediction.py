@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -10,12 +11,13 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scipy import sparse, stats
+from scvi import settings
 from scvi.utils import track
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi.module._sampling import accumulate_log_normalized
 
-from ._utils import _as_positions, _check_positive, _seeded
+from ._utils import _as_positions, _check_number, _check_positive, _seeded
 
 _ATE_TARGET_SUM = 1e4
 # values decoded per ATE chunk: on CPU small enough to stay in cache and reuse allocations (decoding 2,500
@@ -25,6 +27,8 @@ _ATE_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
 # samples decoded per draw of the globals block (a block holds as many posterior draws as fit; Replogle shape: 2.3
 # ms per sample one chunk of 2 samples at a time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
 _ATE_BLOCK_SAMPLES = 8
+# most values predict_perturbation decodes in one tensor (2**33 float32: 32 GiB); above that it asks for fewer samples
+_PREDICT_MAX_VALUES = 2**33
 
 
 class PredictionMixin:
@@ -116,7 +120,19 @@ class PredictionMixin:
                 raise ValueError("`adata` has no control cells to use as source cells; pass `indices`.")
         if len(indices) == 0:
             raise ValueError("`indices` selects no cells.")
-        n_draws = n_samples
+        n_draws = int(n_samples)
+        # the largest tensors: the globals' samples (S, T, K) and a minibatch's decoded values (S, cells, P, G)
+        cells_per_batch = min(len(indices), batch_size or settings.batch_size)
+        n_values = n_draws * max(
+            self.module.n_perturbations * self.module.n_latent,
+            cells_per_batch * len(perturbations) * self.module.n_input,
+        )
+        if n_values > _PREDICT_MAX_VALUES:
+            raise ValueError(
+                f"n_samples={n_samples} would decode {n_values:.3g} values at once (n_samples x cells per minibatch x "
+                f"perturbations x genes, about {4 * n_values / 2**30:.0f} GiB); lower n_samples (20 is the default), "
+                "or batch_size."
+            )
 
         blocks = []
         with _seeded(seed, self.device):
@@ -240,6 +256,7 @@ class PredictionMixin:
         if perturbations is None:
             perturbations = list(state["observed_labels"])
         perturbations = _as_labels(perturbations)
+        _check_number("credible_level", credible_level)
         if not 0 < credible_level < 1:
             raise ValueError("`credible_level` must lie strictly between 0 and 1, e.g. 0.9.")
         estimate = self._ate_posterior(
@@ -321,6 +338,7 @@ class PredictionMixin:
         state = self._perturbation_state
         delimiter = state["delimiter"]
         pairs = self._screen_pairs(pairs)
+        _check_number("credible_level", credible_level)
         if not 0 < credible_level < 1:
             raise ValueError("`credible_level` must lie strictly between 0 and 1, e.g. 0.9.")
         singles = list(dict.fromkeys(atom for pair in pairs for atom in pair))
@@ -394,7 +412,19 @@ class PredictionMixin:
             parsed.append((atoms[0], atoms[1]))
         if not parsed:
             raise ValueError("`pairs` is empty.")
-        return parsed
+        seen, unique = set(), []
+        for pair in parsed:  # A+B and B+A are one pair: keep its first spelling
+            if frozenset(pair) not in seen:
+                seen.add(frozenset(pair))
+                unique.append(pair)
+        if len(unique) < len(parsed):
+            warnings.warn(
+                f"`pairs` names {len(parsed) - len(unique)} pairs more than once (A{delimiter}B and B{delimiter}A are "
+                "the same pair); each pair is screened once, under its first spelling.",
+                UserWarning,
+                stacklevel=4,  # the caller of screen_combinations (through inference_mode)
+            )
+        return unique
 
     def _ate_posterior(
         self,

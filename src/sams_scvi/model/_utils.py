@@ -160,7 +160,14 @@ def _check_positive(name: str, value, integer: bool = False) -> None:
     """Raise unless ``value`` is a finite positive number (and an integer, if asked)."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"`{name}` must be a {'positive integer' if integer else 'positive number'}, not {value!r}.")
-    if integer and int(value) != value:
-        raise ValueError(f"`{name}` must be an integer, not {value!r}.")
     if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a finite positive number, not {value!r}.")
+        kind = "positive integer" if integer else "finite positive number"
+        raise ValueError(f"`{name}` must be a {kind}, not {value!r}.")
+    if integer and int(value) != value:
+        raise ValueError(f"`{name}` must be a positive integer, not {value!r}.")
+
+
+def _check_number(name: str, value) -> None:
+    """Raise a ``TypeError`` naming the argument unless ``value`` is a real number (not text or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a number, not {value!r}.")
