@@ -110,6 +110,8 @@ def compare_models(
     ):
         scvi.settings.seed = seed
         data = adata.copy()
+        for key in [key for key in data.uns if key.startswith("_scvi_")]:  # a copy of registered data is new data:
+            del data.uns[key]  # sharing the user's _scvi_uuid would unregister their AnnData from their models
         model_cls.setup_anndata(data, **label_kwargs, **setup_kwargs)
         model = model_cls(data, **model_kwargs)
         start = time.perf_counter()

@@ -82,6 +82,17 @@ def _require_h5ad(path: Path, flag: str = "") -> None:
         raise CLIError(f"{what}'{path}' is a folder, not an h5ad file")
 
 
+def _read_h5ad(path: Path, flag: str = ""):
+    """``anndata.read_h5ad(path)``, with a :class:`CLIError` naming the file if it is not HDF5 (h5ad) at all."""
+    import anndata as ad
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        what = f"{flag} " if flag else ""
+        raise CLIError(f"{what}'{path}' is not a readable h5ad file (not HDF5); write it with adata.write_h5ad")
+    return ad.read_h5ad(path)
+
+
 def _require_model_dir(path: Path) -> None:
     """Raise :class:`CLIError` unless ``path`` is a folder holding a model saved by ``sams-scvi train``.
 
@@ -197,12 +208,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.output.exists() and not args.output.is_dir():
         raise CLIError(f"--output '{args.output}' is a file; give a folder for the model")
 
-    import anndata as ad
     import scvi
 
     from .model import SAMSVAE
 
-    adata = ad.read_h5ad(args.adata)
+    adata = _read_h5ad(args.adata)
     _require_control_cells(adata.obs, args.perturbation_key, args.control_value)
     SAMSVAE.setup_anndata(
         adata,
@@ -241,11 +251,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     _require_output_file(args.output, "--output")
     model = _load_model(args.model)
 
-    import anndata as ad
-
     from .metrics import evaluate
 
-    adata = model.adata if args.adata is None else ad.read_h5ad(args.adata)
+    adata = model.adata if args.adata is None else _read_h5ad(args.adata, "--adata")
     split = [model.train_indices, model.validation_indices, model.test_indices]
     subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
     tables = {

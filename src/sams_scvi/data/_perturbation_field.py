@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,6 +86,16 @@ def parse_perturbations(
         parsed = [_unique_treatment(label, control_value, delimiter) for label, _ in uniques]
     else:
         parsed = [_parse_label(label, dosage, control_value, delimiter) for label, dosage in uniques]
+        zero_dose = sorted(
+            {label for (label, _), atoms in zip(uniques, parsed, strict=True) if atoms and not any(atoms.values())}
+        )
+        if zero_dose:
+            warnings.warn(
+                f"Cells of {label_source} labelled {zero_dose[:5]} have dosage 0 for all their perturbations: they "
+                "carry no perturbation and are counted as control cells. Drop them before setup if that is not meant.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     if vocabulary is None:
         vocabulary = sorted({name for atoms in parsed for name in atoms})
@@ -117,6 +128,14 @@ def parse_perturbations(
     return design.astype(np.float32), vocabulary
 
 
+def _as_number(text: str) -> float | None:
+    """The number a label spells (``"0.0"`` -> 0.0), or ``None``."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _unique_treatment(label: str, control_value: str, delimiter: str) -> dict[str, float]:
     """One treatment named by the label's sorted perturbations, control atoms dropped: ``"B + A"`` -> ``"A+B"``."""
     atoms = sorted(_parse_label(label, "", control_value, delimiter))
@@ -147,6 +166,11 @@ def _parse_label(label: str, dosage: str, control_value: str, delimiter: str) ->
             values = [float(p) for p in parts]
         except ValueError:
             raise ValueError(f"Dosage label {dosage!r} is not a {delimiter!r}-separated list of numbers.") from None
+        if not all(np.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(
+                f"Dosage label {dosage!r} of perturbation label {label!r} has a negative or non-finite value; "
+                "dosages must be finite and >= 0. Fix or drop these cells before setup."
+            )
     atoms: dict[str, float] = {}
     for name, value in zip(names, values, strict=True):
         if name == control_value:
@@ -223,8 +247,22 @@ class PerturbationField(BaseAnnDataField):
                 columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # not scvi-tools' own
                 raise KeyError(f"{key!r} is not a column of adata.obs; available columns: {columns}.")
 
+    def _match_numeric_control(self, labels: pd.Series) -> None:
+        """Write the control label as the labels do: ``control_value=0`` on labels ``0.0, 1.0, ...`` is ``"0.0"``."""
+        texts = pd.unique(labels.astype(str).str.strip())
+        if self.control_value in texts:
+            return
+        try:
+            value = float(self.control_value)
+        except ValueError:
+            return
+        equal = [text for text in texts if _as_number(text) == value]
+        if len(equal) == 1:
+            self.control_value = str(equal[0])
+
     def _encode(self, adata, vocabulary=None) -> tuple[sparse.csr_matrix, list[str]]:
         labels = adata.obs[self.perturbation_key]
+        self._match_numeric_control(labels)
         dosages = adata.obs[self.dosage_key] if self.dosage_key is not None else None
         design, vocabulary = parse_perturbations(
             labels,

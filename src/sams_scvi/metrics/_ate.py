@@ -10,6 +10,9 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.model._utils import _as_positions, _layer
+
 
 def perturbseq_scale(x, target_sum: float = 1e4, log: Literal["log2", "log1p", "none"] = "log2") -> np.ndarray:
     """Expression scale of a (cells x genes) count block: :math:`\\log_2(1 + 10^4 x / \\sum_g x_g)` (the paper's).
@@ -51,7 +54,7 @@ def observed_ate(
     layer
         Layer holding the counts (default ``X``).
     indices
-        Cells to use (positions); default, all cells.
+        Cells to use (positions, a boolean mask or obs names); default, all cells.
     scale
         ``"log2"``: :math:`\\log_2(1 + 10^4 x / \\sum x)` (the paper's); ``"log1p"``: natural log; ``"none"``: the
         values as they are, for data that are already normalised (e.g. modelled with ``likelihood="normal"``).
@@ -63,13 +66,15 @@ def observed_ate(
     AnnData (perturbations x genes) with the ATE in ``X``, ``obs["n_cells"]`` and ``uns["control"]``, in the
     same layout as :meth:`sams_scvi.SAMSVAE.estimate_ate`.
     """
-    if perturbation_key not in adata.obs:
-        raise KeyError(f"{perturbation_key!r} is not a column of adata.obs.")
+    labels = obs_labels(adata, perturbation_key)
     if scale not in ("log2", "log1p", "none"):
         raise ValueError("`scale` must be 'log2', 'log1p' or 'none'.")
-    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
+    x = _layer(adata, layer)
+    positions = _as_positions(adata, indices)
+    if positions is not None and len(positions) == 0:
+        raise ValueError("`indices` selects no cells; pass the cells to use, or indices=None for all cells.")
     selected = np.zeros(adata.n_obs, dtype=bool)
-    selected[np.arange(adata.n_obs) if indices is None else np.asarray(indices)] = True
+    selected[np.arange(adata.n_obs) if positions is None else positions] = True
     present = set(labels[selected])
     if control_value not in present:
         raise ValueError(f"No cells are labelled {control_value!r}; the ATE needs control cells.")
@@ -83,7 +88,6 @@ def observed_ate(
     group_of = pd.Series(np.arange(len(groups)), index=groups)
     codes = np.array(pd.Series(labels).map(group_of), dtype=float)
     codes[~selected] = np.nan
-    x = adata.layers[layer] if layer is not None else adata.X
     sums = np.zeros((len(groups), adata.n_vars))
     counts = np.zeros(len(groups))
     for start in range(0, adata.n_obs, chunk_size):
@@ -132,6 +136,8 @@ def _aligned(
 
 def _top_k(pred: np.ndarray, obs: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep, per perturbation (row), the ``top_k`` genes with the largest observed ``|ATE|``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer (genes kept per perturbation), not {top_k!r}.")
     if top_k > obs.shape[1]:
         raise ValueError(f"top_k={top_k} exceeds the {obs.shape[1]} shared genes.")
     top = np.argpartition(-np.abs(obs), top_k - 1, axis=1)[:, :top_k]

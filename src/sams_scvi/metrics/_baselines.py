@@ -11,6 +11,8 @@ from anndata import AnnData
 
 from sams_scvi.metrics._ate import observed_ate
 from sams_scvi.metrics._splits import _atoms
+from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.model._utils import _layer
 
 
 def baseline_ate(
@@ -63,9 +65,9 @@ def baseline_ate(
             [singles.loc[_atoms(p, control_value, delimiter)].sum(0).to_numpy() for p in perturbations]
         ).astype(np.float32)
     elif kind == "mean_perturbed":
-        labels = adata.obs[perturbation_key].astype(str).str.strip()
+        labels = obs_labels(adata, perturbation_key)
         pooled = AnnData(
-            X=adata.layers[layer] if layer is not None else adata.X,
+            X=_layer(adata, layer),
             obs=pd.DataFrame(
                 {"group": np.where(labels == control_value, control_value, "perturbed")}, index=adata.obs_names
             ),

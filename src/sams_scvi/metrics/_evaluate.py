@@ -13,6 +13,7 @@ from scvi.utils import track
 from sams_scvi.metrics._ate import ate_metrics, ate_metrics_per_perturbation, observed_ate
 from sams_scvi.metrics._baselines import baseline_ate
 from sams_scvi.metrics._noise import random_halves
+from sams_scvi.metrics._utils import obs_labels
 
 SUBSETS = ("train", "validation", "test", "all")
 
@@ -83,6 +84,7 @@ def evaluate(
     indexed by ``(subset, perturbation)`` with ``n_cells`` and the per-perturbation ATE metrics.
     """
     is_baseline = isinstance(predictor, str)
+    labels = obs_labels(adata, perturbation_key)
     if split is None:
         if is_baseline:
             raise ValueError("A baseline needs `split` (its training cells).")
@@ -98,7 +100,6 @@ def evaluate(
     if empty:
         raise ValueError(f"The split has no {', '.join(empty)} cells; leave them out of `subsets`.")
 
-    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
     wanted = {s: sorted(set(labels[cells[s]]) - {control_value}) for s in subsets}
     everything = sorted(set().union(*wanted.values()))
     observed_cells, baseline_cells = None, cells["train"]

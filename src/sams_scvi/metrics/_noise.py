@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from sams_scvi.metrics._ate import ate_metrics, observed_ate
+from sams_scvi.metrics._utils import obs_labels
 
 
 def random_halves(cells: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +50,7 @@ def split_half_ceiling(
     seed
         Seed of the halves.
     """
-    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
+    labels = obs_labels(adata, perturbation_key)
     cells = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
     counts = pd.Series(labels[cells]).value_counts()
     if perturbations is None:

@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 from anndata import AnnData
 
+from sams_scvi.metrics._utils import obs_labels
+
 
 def _atoms(label: str, control_value: str, delimiter: str) -> list[str]:
     return [a.strip() for a in label.split(delimiter) if a.strip() not in ("", control_value)]
@@ -64,7 +66,7 @@ def combination_split(
         raise ValueError("`fraction` must be in [0, 1].")
     if mode not in ("ood", "data_efficiency"):
         raise ValueError("`mode` must be 'ood' or 'data_efficiency'.")
-    labels = adata.obs[perturbation_key].astype(str).str.strip().to_numpy()
+    labels = obs_labels(adata, perturbation_key)
     n_atoms = np.array([len(_atoms(label, control_value, delimiter)) for label in labels])
     singles = set(labels[n_atoms == 1])
     usable = np.array(

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sams_scvi.model._utils import _as_positions
+
 from ._utils import finish, new_axes
 
 
@@ -32,6 +34,15 @@ def mechanism_heatmap(
     ax, show, save, return_fig
         As in scanpy: axes to draw into, show the figure, path to save it to, return the figure.
     """
+    if "module" not in mechanisms.obs:
+        raise ValueError(
+            "`mechanisms` has no obs['module']; pass the output of model.get_mechanisms(), not an ATE table."
+        )
+    if layer is not None and layer not in mechanisms.layers:
+        raise KeyError(
+            f"Layer {layer!r} is not in the mechanisms (layers: {list(mechanisms.layers.keys())}); pass one of "
+            "them, or layer=None for the latent shifts."
+        )
     values = mechanisms.X if layer is None else mechanisms.layers[layer]
     values = np.asarray(values, dtype=float)
     order = np.argsort(mechanisms.obs["module"].cat.codes.to_numpy(), kind="stable")
@@ -84,6 +95,9 @@ def ate_intervals(
     if "ci_lower" not in ate.layers:
         raise ValueError("`ate` has no intervals; pass the output of estimate_ate or ensemble_ate.")
     perturbations = list(ate.obs_names) if perturbations is None else list(perturbations)
+    unknown = [p for p in perturbations if p not in ate.obs_names]
+    if unknown:
+        raise KeyError(f"perturbations not in the ATE table: {unknown[:10]}; its rows are {list(ate.obs_names[:10])}.")
     observed_table = observed.to_df() if isinstance(observed, AnnData) else observed
     fig, ax, made_here = new_axes(ax, (max(4.0, 0.5 * len(genes) * len(perturbations) ** 0.5 + 2), 3.5))
     width = 0.8 / max(len(perturbations), 1)
@@ -126,6 +140,12 @@ def screen_volcano(
         As in scanpy.
     """
     obs = screen.obs
+    needed = {"effect_norm", "non_additivity_norm", "n_credible_non_additive"}
+    if not needed <= set(obs.columns):
+        raise ValueError(
+            f"`screen` lacks obs columns {sorted(needed - set(obs.columns))}; pass the output of "
+            "model.screen_combinations()."
+        )
     fig, ax, made_here = new_axes(ax, (5.0, 4.0))
     points = ax.scatter(
         obs["effect_norm"], obs["non_additivity_norm"], c=obs["n_credible_non_additive"], cmap="viridis", s=18
@@ -214,7 +234,7 @@ def latent_umap(
     import scanpy as sc
 
     adata = model.adata if adata is None else adata
-    positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    positions = np.arange(adata.n_obs) if indices is None else _as_positions(adata, indices)
     latent = model.get_latent(adata, indices=positions, representation=representation)
     cells = AnnData(obs=adata.obs.iloc[positions].copy(), obsm={"X_latent": latent})
     sc.pp.neighbors(cells, use_rep="X_latent", n_neighbors=n_neighbors)

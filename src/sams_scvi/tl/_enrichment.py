@@ -45,6 +45,8 @@ def program_enrichment(
         raise ValueError("`n_top_genes` must be a positive integer.")
     if not gene_sets:
         raise ValueError("`gene_sets` is empty.")
+    # A set given as one string ({"s": "GATA1"}) is one gene, not its letters.
+    gene_sets = {name: [genes] if isinstance(genes, str) else genes for name, genes in gene_sets.items()}
     universe = pd.Index(programs["gene"].unique() if universe is None else list(universe)).astype(str)
     n_universe = len(universe)
     rows = []

@@ -72,6 +72,10 @@ def prediction_pair(
     ``obs[perturbation_key]`` categorical over the same labels, and ``uns["sams_scvi"]`` naming the
     perturbation key, the control label and ``target_sum``.
     """
+    if n_source_cells is not None and (
+        isinstance(n_source_cells, bool) or not isinstance(n_source_cells, int | np.integer) or n_source_cells < 1
+    ):
+        raise ValueError(f"`n_source_cells` must be a positive integer (or None for all), not {n_source_cells!r}.")
     adata = model._validate_anndata(adata)
     manager = model.get_anndata_manager(adata, required=True)
     state = model._perturbation_state
