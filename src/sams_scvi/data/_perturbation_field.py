@@ -278,7 +278,8 @@ class PerturbationField(BaseAnnDataField):
 
     def _check_control_spelling(self, adata) -> None:
         """Raise when labels differ from the control label only in spelling: they would become a perturbation."""
-        labels = pd.unique(adata.obs[self.perturbation_key].astype(str).str.strip())
+        # missing labels are reported by the parser; pandas 3 keeps them as NaN through astype(str)
+        labels = pd.unique(adata.obs[self.perturbation_key].dropna().astype(str).str.strip())
         atoms = {name.strip() for label in labels for name in label.split(self.delimiter)}
         variants = sorted(control_like(atoms, self.control_value))
         if variants:
