@@ -489,7 +489,7 @@ class SAMSModule(BaseModuleClass):
             # globals, so drawing all T of them made a step's cost grow with the screen instead of the batch
             columns = self.present_perturbations(design) if self._draws_present_only else None
             global_samples = self.sample_globals(n_samples or self.n_particles, columns=columns)
-        design = self.restrict_design(design, global_samples)
+        design = cell_design = self.restrict_design(design, global_samples)
         branches = None
         if self.models_penetrance:
             branches = self.response_branches(design, global_samples.get("columns"))
@@ -512,6 +512,7 @@ class SAMSModule(BaseModuleClass):
             "offset": offset,
             "library": x.sum(-1),
             "globals": global_samples,
+            "design": cell_design,  # (n, C): the cells' design, restricted to the columns of the globals drawn
             **({} if branches is None else {"branches": branches}),
         }
 
@@ -597,7 +598,7 @@ class SAMSModule(BaseModuleClass):
         """
         global_samples = inference_outputs["globals"]
         columns = global_samples.get("columns")
-        design = self.restrict_design(tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY], global_samples)
+        design = inference_outputs["design"]
         log_likelihood, kl_basal = self.local_terms(tensors, inference_outputs, generative_outputs)
         local_elbo = log_likelihood - kl_weight * kl_basal
         branches = inference_outputs.get("branches")
