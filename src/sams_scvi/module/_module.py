@@ -481,7 +481,8 @@ class SAMSModule(BaseModuleClass):
 
         Returns ``z_basal`` and ``z`` of shape (S, n, K), the encoder's posterior ``qz`` and its sample
         ``z_encoded`` (``z_basal``, or ``z`` for SVAE+), the ``offset``, the observed ``library`` (n,) and the
-        ``globals`` dictionary. With penetrance the rows are every response pattern of every cell
+        ``globals`` dictionary, and ``design`` (n, C), the cells' design restricted to the columns of the globals
+        drawn. With penetrance the rows are every response pattern of every cell
         (:meth:`response_branches`, whose outputs are added as ``branches``).
         """
         if global_samples is None:
