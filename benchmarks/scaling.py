@@ -20,8 +20,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +55,15 @@ def synthetic_screen(n_cells: int, n_perturbations: int, seed: int = 0):
     return anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"g{g}" for g in range(N_GENES)]))
 
 
-def run_one(n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bool, all_globals: bool) -> dict:
-    """Train ``steps`` steps on one configuration in this process; returns the measurements."""
+def run_one(
+    n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bool, all_globals: bool, backed: bool = False
+) -> dict:
+    """Train ``steps`` steps on one configuration in this process; returns the measurements.
+
+    ``backed``: write the screen to an h5ad file in a temporary folder and train from it opened with
+    ``backed="r"`` (rows read from disk per minibatch; the file is written by a child process so that building it
+    does not count toward this process's peak memory).
+    """
     import scvi
     import torch
     from lightning.pytorch import Callback
@@ -67,8 +76,16 @@ def run_one(n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bo
 
     scvi.settings.seed = 0
     scvi.settings.dl_num_workers = 0
+    if backed:
+        import anndata
+
+        folder = tempfile.mkdtemp(prefix="sams_scaling_")
+        path = os.path.join(folder, "screen.h5ad")
+        write = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import scaling; "
+        write += f"scaling.synthetic_screen({n_cells}, {n_perturbations}).write_h5ad({path!r})"
+        subprocess.run([sys.executable, "-c", write], check=True)
     start = time.perf_counter()
-    adata = synthetic_screen(n_cells, n_perturbations)
+    adata = anndata.read_h5ad(path, backed="r") if backed else synthetic_screen(n_cells, n_perturbations)
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
     model = sams_scvi.SAMSVAE(adata)
     setup_s = time.perf_counter() - start
@@ -103,6 +120,7 @@ def run_one(n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bo
         "cells": n_cells,
         "perturbations": n_perturbations,
         "globals_drawn": "all T" if all_globals else "present",
+        "data": "backed h5ad" if backed else "in memory",
         "setup_s": round(setup_s, 1),
         "step_ms": round(1e3 * step, 1),
         "loop_ms": round(1e3 * loop, 1),
@@ -115,6 +133,9 @@ def run_one(n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bo
         model.estimate_ate(n_samples=200, progress_bar=False)
         row["ate_all_s"] = round(time.perf_counter() - start, 1)
         row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if backed:
+        adata.file.close()
+        shutil.rmtree(folder, ignore_errors=True)
     return row
 
 
@@ -147,12 +168,15 @@ def main() -> None:
     parser.add_argument(
         "--compare-all-globals", action="store_true", help="also run each configuration drawing all T perturbations"
     )
+    parser.add_argument(
+        "--backed", action="store_true", help="train from an h5ad file opened backed='r' instead of memory"
+    )
     parser.add_argument("--output", default=str(Path(__file__).with_name("SCALING.md")), help="'-': print only")
-    parser.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)  # internal: one configuration
+    parser.add_argument("--one", nargs=4, type=int, help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
     if args.one is not None:
-        n_cells, n_perturbations, all_globals = args.one
-        row = run_one(n_cells, n_perturbations, args.steps, args.warmup, args.ate, bool(all_globals))
+        n_cells, n_perturbations, all_globals, backed = args.one
+        row = run_one(n_cells, n_perturbations, args.steps, args.warmup, args.ate, bool(all_globals), bool(backed))
         print(json.dumps(row))
         return
     rows = []
@@ -160,8 +184,9 @@ def main() -> None:
     for n_cells in args.cells:
         for n_perturbations in args.perturbations:
             for all_globals in variants:
-                command = [sys.executable, __file__, "--one", str(n_cells), str(n_perturbations), str(all_globals),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--ate"] if args.ate else [])  # fmt: skip
+                one = map(str, (n_cells, n_perturbations, all_globals, int(args.backed)))
+                command = [sys.executable, __file__, "--one", *one, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup)] + (["--ate"] if args.ate else [])  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(done.stderr[-2000:], file=sys.stderr)

@@ -102,6 +102,25 @@ def test_ate_does_not_depend_on_the_chunking(trained_tapseq):
     assert np.mean(np.abs(whole.X - chunked.X) / se < 3.5) > 0.98  # ... the same estimate
 
 
+def test_ate_block_memory_cap_and_sparse_contrasts(trained_tapseq, monkeypatch):
+    """Blocks capped to one posterior draw (as for a genome-wide screen) estimate the same ATE; a contrast matrix
+    equal to the identity gives exactly the ATEs themselves."""
+    from sams_scvi.model import _prediction
+
+    model, _ = trained_tapseq
+    labels = ["CPQ", "CPQ+GATA1", "GATA1"]
+    args = (100, 10, 1e4, "prior", 512, 0, False)  # n_samples, draws, library, basal, batch_size, seed, bar
+    plain = model._ate_posterior(labels, None, *args)
+    identity = model._ate_posterior(labels, np.eye(3), *args)
+    for key in ("ate", "mc_se", "posterior_sd"):
+        np.testing.assert_allclose(identity[key], plain[key], rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(_prediction, "_ATE_BLOCK_BYTES", 1)
+    capped = model._ate_posterior(labels, None, *args)
+    assert not np.array_equal(capped["ate"], plain["ate"])  # blocks of one draw use the random numbers otherwise
+    se = np.sqrt(plain["mc_se"] ** 2 + capped["mc_se"] ** 2) + 1e-12
+    assert np.mean(np.abs(plain["ate"] - capped["ate"]) / se < 3.5) > 0.98
+
+
 def test_estimate_ate_against_data(trained_tapseq):
     model, adata = trained_tapseq
     ate = model.estimate_ate(n_samples=500, progress_bar=False)

@@ -27,6 +27,8 @@ _ATE_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
 # samples decoded per draw of the globals block (a block holds as many posterior draws as fit; Replogle shape: 2.3
 # ms per sample one chunk of 2 samples at a time, 2.1-2.2 ms in blocks of 4-16, 2.8 ms in blocks of 32)
 _ATE_BLOCK_SAMPLES = 8
+# most bytes of one block's per-draw sums (draws x 2 halves x conditions x genes, float64)
+_ATE_BLOCK_BYTES = 2**28
 # most values predict_perturbation decodes in one tensor (2**33 float32: 32 GiB); above that it asks for fewer samples
 _PREDICT_MAX_VALUES = 2**33
 
@@ -462,7 +464,7 @@ class PredictionMixin:
             raise ValueError("`n_posterior_draws` must be a positive integer.")
         design = self._design_for([state["control_value"], *perturbations])  # (P + 1, T), control first
         library = self._ate_library_size(library_size) if self.module.likelihood == "nb" else 1.0
-        contrasts = np.eye(len(perturbations)) if contrasts is None else np.asarray(contrasts, dtype=float)
+        n_outputs = len(perturbations) if contrasts is None else len(contrasts)
         n_conditions, n_genes = design.shape[0], self.module.n_input
         n_draws = int(min(n_posterior_draws, n_samples // 2))
         if n_draws < 2:
@@ -476,9 +478,10 @@ class PredictionMixin:
         bounds = (0, halves[0], per_draw)
 
         device = self.device
-        contrast = torch.as_tensor(contrasts, dtype=torch.float64, device=device)
+        # a contrast row reads a few conditions: sparse, so that screening thousands of pairs stays linear in them
+        contrast = None if contrasts is None else _sparse_contrast(contrasts, device)
         totals = {
-            name: torch.zeros(contrast.shape[0], n_genes, dtype=torch.float64, device=device)
+            name: torch.zeros(n_outputs, n_genes, dtype=torch.float64, device=device)
             for name in ("sum", "sum_sq", "sum_a", "sum_b", "sum_ab")
         }
         scratch = torch.zeros(n_conditions - 1, n_genes, dtype=torch.float64, device=device)
@@ -487,6 +490,8 @@ class PredictionMixin:
         chunk_elements = _ATE_CHUNK_ELEMENTS.get(device.type, _ATE_CHUNK_ELEMENTS["cuda"])
         per_chunk = max(1, min(batch_size, chunk_elements // (n_conditions * n_genes)))
         draws_per_block = max(1, (per_chunk * max(1, _ATE_BLOCK_SAMPLES // per_chunk)) // per_draw)
+        # the block's per-draw sums are (draws, 2, conditions, genes) float64: cap them for genome-wide screens
+        draws_per_block = max(1, min(draws_per_block, _ATE_BLOCK_BYTES // (2 * n_conditions * n_genes * 8)))
         blocks = [min(draws_per_block, n_draws - start) for start in range(0, n_draws, draws_per_block)]
         with _seeded(seed, device):
             # inside the seeded block: the encoder's draws must not advance the caller's random state
@@ -517,15 +522,17 @@ class PredictionMixin:
                         else:
                             mu = gen["mu"][lo - start : hi - start]
                             accumulate_log_normalized(mu, gen["theta"], _ATE_TARGET_SUM, half_sums[draw, half], scratch)
-                means = half_sums / torch.tensor(halves, dtype=torch.float64, device=device)[None, :, None, None]
-                effects = torch.einsum("qp,dhpg->dhqg", contrast, means[:, :, 1:] - means[:, :, :1])
-                weights = torch.tensor(halves, dtype=torch.float64, device=device) / per_draw
-                draw_effect = torch.einsum("h,dhqg->dqg", weights, effects)
+                means = half_sums.div_(torch.tensor(halves, dtype=torch.float64, device=device)[None, :, None, None])
+                effects = _apply_contrast(contrast, means[:, :, 1:] - means[:, :, :1])  # (draws, 2, Q, G)
+                del means, half_sums
+                weights = [h / per_draw for h in halves]
+                draw_effect = effects[:, 0] * weights[0] + effects[:, 1] * weights[1]  # (draws, Q, G)
                 totals["sum"] += draw_effect.sum(0)
-                totals["sum_sq"] += draw_effect.square().sum(0)
+                totals["sum_sq"] += draw_effect.square_().sum(0)
+                del draw_effect
                 totals["sum_a"] += effects[:, 0].sum(0)
                 totals["sum_b"] += effects[:, 1].sum(0)
-                totals["sum_ab"] += (effects[:, 0] * effects[:, 1]).sum(0)
+                totals["sum_ab"] += effects[:, 0].mul_(effects[:, 1]).sum(0)
         correction = n_draws / (n_draws - 1) if n_draws > 1 else np.nan
         ate = totals["sum"] / n_draws
         draw_variance = (totals["sum_sq"] / n_draws - ate.square()).clamp(min=0) * correction
@@ -693,6 +700,26 @@ def _as_labels(perturbations) -> list[str]:
     if isinstance(perturbations, str):
         return [perturbations]
     return [str(p) for p in perturbations]
+
+
+def _sparse_contrast(contrasts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A (Q, P) contrast matrix as a sparse float64 tensor on ``device``."""
+    rows, columns = np.nonzero(contrasts)
+    return torch.sparse_coo_tensor(
+        torch.as_tensor(np.stack([rows, columns])),
+        torch.as_tensor(np.asarray(contrasts, dtype=np.float64)[rows, columns]),
+        size=contrasts.shape,
+        device=device,
+    ).coalesce()
+
+
+def _apply_contrast(contrast: torch.Tensor | None, effects: torch.Tensor) -> torch.Tensor:
+    """``contrast @ effects`` over the conditions axis of ``effects`` (D, H, P, G) -> (D, H, Q, G); ``None``: as is."""
+    if contrast is None:
+        return effects
+    d, h, p, g = effects.shape
+    flat = effects.permute(2, 0, 1, 3).reshape(p, d * h * g)
+    return torch.sparse.mm(contrast, flat).reshape(-1, d, h, g).permute(1, 2, 0, 3)
 
 
 def _accumulate_means(mean: torch.Tensor, sums: torch.Tensor, diff_sq: torch.Tensor) -> None:
