@@ -2,6 +2,7 @@
 AnnData is never changed. One case per input; the message fragment is what tells the user the fix."""
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -322,3 +323,17 @@ def test_a_single_covariate_key_is_read_as_a_list():
     model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
     assert model.registry_["setup_args"]["categorical_covariate_keys"] == ["donor"]
     assert model.summary_stats.n_extra_categorical_covs == 1
+
+
+def test_duplicate_gene_names_warn_with_the_fix():
+    adata = _screen()
+    names = adata.var_names.to_numpy(dtype=object)
+    names[1] = names[0]
+    adata.var_names = names
+    with pytest.warns(UserWarning, match=r"var_names_make_unique") as record:
+        sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    assert record[0].filename == __file__  # points at the user's setup_anndata line
+    unique = _screen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sams_scvi.SAMSVAE.setup_anndata(unique, perturbation_key="perturbation")

@@ -55,6 +55,7 @@ from ._utils import (
     _check_positive,
     _layer,
     _seeded,
+    _warn_duplicate_genes,
 )
 
 # Default length of training. Every benchmark in docs/ trains for at most 120 epochs (TAP-seq: 2,040 steps); longer
@@ -200,6 +201,7 @@ class BasePerturbationModel(
         setup_method_args = cls._get_setup_method_args(**locals())
         _check_obs_keys(adata, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys)
         _check_finite(_layer(adata, layer))
+        _warn_duplicate_genes(adata)
         fields = [
             # counts are checked by the model, which knows its likelihood (raw counts for "nb")
             LayerField(SAMS_REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -254,6 +256,7 @@ class BasePerturbationModel(
                 )
         rna = mdata.mod[modalities.rna_layer] if modalities.rna_layer is not None else mdata
         _check_finite(_layer(rna, rna_layer))
+        _warn_duplicate_genes(rna)
         fields = [
             MuDataLayerField(SAMS_REGISTRY_KEYS.X_KEY, rna_layer, mod_key=modalities.rna_layer, is_count_data=False),
             MuDataPerturbationField(

@@ -78,6 +78,20 @@ def _check_counts(x) -> None:
         )
 
 
+def _warn_duplicate_genes(adata) -> None:
+    """Warn when gene names repeat: ATE tables and predictions are indexed by them."""
+    names = pd.Index(adata.var_names)
+    if names.is_unique:
+        return
+    repeated = names[names.duplicated()].unique()
+    warnings.warn(
+        f"{len(repeated)} gene names occur more than once (e.g. {list(repeated[:5])}), so the genes of ATE tables and "
+        "predictions cannot all be told apart by name. Call adata.var_names_make_unique() before setup_anndata.",
+        UserWarning,
+        stacklevel=3,  # the user's setup_anndata call
+    )
+
+
 def _check_gene_names(genes: pd.Index, adata, registry: dict) -> None:
     """Raise a clear error when ``adata`` does not hold the model's genes in the same order."""
     mod_key = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["data_registry"].get("mod_key")
