@@ -337,3 +337,12 @@ def test_duplicate_gene_names_warn_with_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sams_scvi.SAMSVAE.setup_anndata(unique, perturbation_key="perturbation")
+
+
+def test_labels_with_surrounding_spaces_come_back_as_registered(model_and_data):
+    model, adata = model_and_data
+    sources = np.flatnonzero(adata.obs["perturbation"].astype(str) == "control")[:3]
+    predicted = model.predict_perturbation([" p0 ", "p1"], indices=sources, n_samples=1, progress_bar=False)
+    assert set(predicted.obs["perturbation"].astype(str)) == {"p0", "p1"}
+    ate = model.estimate_ate(" p0", n_samples=8, n_posterior_draws=2, progress_bar=False)
+    assert list(ate.obs_names) == ["p0"] and ate.obs.loc["p0", "n_cells"] == (adata.obs["perturbation"] == "p0").sum()

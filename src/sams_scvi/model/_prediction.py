@@ -696,10 +696,13 @@ def _log1p_normalize(counts: torch.Tensor, target_sum: float) -> torch.Tensor:
 
 
 def _as_labels(perturbations) -> list[str]:
-    """Perturbation labels as a list of strings; a single string is one label, not its letters."""
+    """Perturbation labels as a list of strings; a single string is one label, not its letters.
+
+    Surrounding spaces are dropped, as the label parser drops them, so that outputs carry the registered label.
+    """
     if isinstance(perturbations, str):
-        return [perturbations]
-    return [str(p) for p in perturbations]
+        return [perturbations.strip()]
+    return [str(p).strip() for p in perturbations]
 
 
 def _sparse_contrast(contrasts: np.ndarray, device: torch.device) -> torch.Tensor:
