@@ -21,9 +21,12 @@ CONTROL_NAMES = {
 }  # fmt: skip
 
 
+_NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
+
+
 def _fold(name: str) -> str:
     """Case, spaces and punctuation removed: the spelling differences that do not make a label a new one."""
-    return re.sub(r"[\W_]+", "", name).casefold()
+    return _NOT_ALPHANUMERIC.sub("", name).casefold()
 
 
 def control_like(vocabulary: Iterable[str], control_value: str) -> list[str]:

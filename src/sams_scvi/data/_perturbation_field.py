@@ -71,15 +71,20 @@ def parse_perturbations(
             f"{label_source} has {int(missing.sum())} missing (NaN) labels. Give every cell a label "
             f"(controls as {control_value!r}) or drop the unassigned cells before setup."
         )
-    labels = labels.astype(str)
     control_value = label_text(control_value)
+    # every per-cell step works on integer codes; text is made and parsed once per distinct (label, dosage)
+    label_codes, label_values = pd.factorize(labels)
     if dosages is not None:
-        dosages = pd.Series(np.asarray(dosages, dtype=object)).astype(str)
+        dosages = np.asarray(dosages, dtype=object)
         if len(dosages) != len(labels):
             raise ValueError("`dosages` must have one entry per cell.")
+        dosage_codes, dosage_values = pd.factorize(pd.Series(dosages), use_na_sentinel=False)
     else:
-        dosages = pd.Series([""] * len(labels))
-    codes, uniques = pd.factorize(pd.MultiIndex.from_arrays([labels, dosages]))
+        dosage_codes, dosage_values = np.zeros(len(labels), dtype=np.int64), np.array([""], dtype=object)
+    codes, pairs = pd.factorize(label_codes.astype(np.int64) * len(dosage_values) + dosage_codes)
+    uniques = [
+        (str(label_values[pair // len(dosage_values)]), str(dosage_values[pair % len(dosage_values)])) for pair in pairs
+    ]
     if unique_combinations:
         if any(dosage not in ("nan", "None", "") for _, dosage in uniques):
             raise ValueError("Dosages cannot be combined with unique encoding of combinations.")
@@ -249,7 +254,7 @@ class PerturbationField(BaseAnnDataField):
 
     def _match_numeric_control(self, labels: pd.Series) -> None:
         """Write the control label as the labels do: ``control_value=0`` on labels ``0.0, 1.0, ...`` is ``"0.0"``."""
-        texts = pd.unique(labels.astype(str).str.strip())
+        texts = {str(label).strip() for label in pd.unique(labels.dropna())}
         if self.control_value in texts:
             return
         try:
@@ -279,7 +284,7 @@ class PerturbationField(BaseAnnDataField):
     def _check_control_spelling(self, adata) -> None:
         """Raise when labels differ from the control label only in spelling: they would become a perturbation."""
         # missing labels are reported by the parser; pandas 3 keeps them as NaN through astype(str)
-        labels = pd.unique(adata.obs[self.perturbation_key].dropna().astype(str).str.strip())
+        labels = {str(label).strip() for label in pd.unique(adata.obs[self.perturbation_key].dropna())}
         atoms = {name.strip() for label in labels for name in label.split(self.delimiter)}
         variants = sorted(control_like(atoms, self.control_value))
         if variants:
@@ -297,9 +302,10 @@ class PerturbationField(BaseAnnDataField):
             )
 
     def _state(self, adata, design: sparse.csr_matrix, vocabulary: list[str]) -> dict:
-        labels = adata.obs[self.perturbation_key].astype(str).str.strip()
+        codes, values = pd.factorize(adata.obs[self.perturbation_key])
         is_control = np.asarray(design.getnnz(axis=1) == 0)
-        observed = sorted(pd.unique(labels[~is_control]))
+        perturbed = np.bincount(codes[~is_control], minlength=len(values)) > 0
+        observed = sorted({str(label).strip() for label in np.asarray(values, dtype=object)[perturbed]})
         return {
             "vocabulary": vocabulary,
             "control_value": self.control_value,
