@@ -144,3 +144,13 @@ def test_unique_encoding_names_each_combination_once():
     assert design[4].indices.tolist() == [3]  # a control atom is ignored
     with pytest.raises(ValueError, match="unique encoding"):
         parse_perturbations(["A+C"], unique_combinations=True, vocabulary=vocabulary)
+
+
+def test_missing_dosages_of_any_kind_mean_dose_one():
+    """NaN, None and pandas' NA in a dosage column all mean "no dosage given" (dose 1), as "" does."""
+    labels = ["A", "A+B", "control", "B", "A"]
+    for missing in (np.nan, None, pd.NA):
+        dosages = pd.array([missing, "1+0.5", missing, "2", missing], dtype="string" if missing is pd.NA else object)
+        design, vocabulary = parse_perturbations(labels, dosages=dosages)
+        assert vocabulary == ["A", "B"]
+        np.testing.assert_array_equal(design.toarray(), [[1, 0], [1, 0.5], [0, 0], [0, 2], [1, 0]])

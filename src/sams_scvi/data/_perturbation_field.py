@@ -82,9 +82,8 @@ def parse_perturbations(
     else:
         dosage_codes, dosage_values = np.zeros(len(labels), dtype=np.int64), np.array([""], dtype=object)
     codes, pairs = pd.factorize(label_codes.astype(np.int64) * len(dosage_values) + dosage_codes)
-    uniques = [
-        (str(label_values[pair // len(dosage_values)]), str(dosage_values[pair % len(dosage_values)])) for pair in pairs
-    ]
+    dosage_texts = ["" if pd.isna(value) else str(value) for value in dosage_values]  # NaN, None, pd.NA: no dosage
+    uniques = [(str(label_values[pair // len(dosage_texts)]), dosage_texts[pair % len(dosage_texts)]) for pair in pairs]
     if unique_combinations:
         if any(dosage not in ("nan", "None", "") for _, dosage in uniques):
             raise ValueError("Dosages cannot be combined with unique encoding of combinations.")

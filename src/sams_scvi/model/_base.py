@@ -358,8 +358,8 @@ class BasePerturbationModel(
         reuse_cpu_memory
             On Linux, keep up to 1 GiB of the memory one step frees for the next instead of handing it back to the
             system and faulting it in again (glibc's ``M_TOP_PAD``; restored afterwards). On 2 CPU cores at 2,000
-            genes this makes a step about a quarter faster with the same peak memory (``benchmarks/NOTES.md``).
-            No effect elsewhere.
+            genes this cuts a step's time by about a third with the same peak memory; screens with a few hundred
+            genes or fewer gain nothing (``benchmarks/NOTES.md``). No effect outside glibc.
         **trainer_kwargs
             Arguments of :class:`scvi.train.Trainer` / Lightning (e.g. ``enable_progress_bar``,
             ``check_val_every_n_epoch``, ``gradient_clip_val``).
