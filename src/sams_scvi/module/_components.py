@@ -28,13 +28,8 @@ class ResidualMLP(nn.Module):
         self.first = nn.Linear(n_input, n_hidden)
         self.residual = nn.ModuleList(nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1))
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None, rows: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``rows``: output rows as indices into ``x`` (rows that share an input share :math:`W_1 x`)."""
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         h = self.first(x)
-        if rows is not None:
-            h = h[rows]
         if shift is not None:
             h = h + shift
         h = F.leaky_relu(h, _LEAKY_SLOPE)
@@ -52,10 +47,8 @@ class GaussianMLP(nn.Module):
         self.mean = nn.Linear(n_hidden, n_output)
         self.log_var = nn.Linear(n_hidden, n_output)
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None, rows: torch.Tensor | None = None
-    ) -> Normal:
-        h = self.trunk(x, shift, rows)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> Normal:
+        h = self.trunk(x, shift)
         return Normal(self.mean(h), torch.sqrt(self.log_var(h).exp() + _VARIANCE_EPS))
 
 

@@ -491,10 +491,10 @@ class SAMSModule(BaseModuleClass):
             columns = self.present_perturbations(design) if self._draws_present_only else None
             global_samples = self.sample_globals(n_samples or self.n_particles, columns=columns)
         design = cell_design = self.restrict_design(design, global_samples)
-        branches = rows = None
-        if self.models_penetrance:  # one row per response pattern of each cell
+        branches = None
+        if self.models_penetrance:
             branches = self.response_branches(design, global_samples.get("columns"))
-            rows, design = branches["cells"], branches["design"]
+            x, design = x[branches["cells"]], branches["design"]
         n_particles = global_samples["shift"].shape[0]
         offset = self.latent_offset(design, global_samples["shift"])
         shift = None
@@ -502,8 +502,7 @@ class SAMSModule(BaseModuleClass):
             shift = self.offset_projection(offset)
         elif self.design_projection is not None:
             shift = self.design_projection(design)
-        # the encoder's first layer reads x once per cell, not once per response pattern
-        qz = self.basal_encoder(self.normalize(x), shift=shift, rows=rows)
+        qz = self.basal_encoder(self.normalize(x), shift=shift)
         z_encoded = qz.rsample() if qz.loc.dim() == 3 else qz.rsample((n_particles,))
         z_basal, z = self.split_encoded(z_encoded, offset)
         return {
@@ -512,7 +511,7 @@ class SAMSModule(BaseModuleClass):
             "z_basal": z_basal,
             "z": z,
             "offset": offset,
-            "library": x.sum(-1) if rows is None else x.sum(-1)[rows],
+            "library": x.sum(-1),
             "globals": global_samples,
             "design": cell_design,  # (n, C): the cells' design, restricted to the columns of the globals drawn
             **({} if branches is None else {"branches": branches}),
