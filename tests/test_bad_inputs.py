@@ -327,7 +327,7 @@ def test_a_single_covariate_key_is_read_as_a_list():
 
 def test_duplicate_gene_names_warn_with_the_fix():
     adata = _screen()
-    names = adata.var_names.to_numpy(dtype=object)
+    names = np.array(adata.var_names, dtype=object)  # a copy: pandas 3 hands out read-only arrays
     names[1] = names[0]
     adata.var_names = names
     with pytest.warns(UserWarning, match=r"var_names_make_unique") as record:

@@ -280,7 +280,8 @@ class MechanismMixin:
             return active.assign(gene=pd.Series(dtype=str), effect=pd.Series(dtype=float), rank=pd.Series(dtype=int))
         dimension = active["latent"].map({name: k for k, name in enumerate(_latent_names(self.module.n_latent))})
         steps = torch.zeros(len(active), self.module.n_latent, device=self.device)
-        steps[torch.arange(len(active)), torch.as_tensor(dimension.to_numpy())] = torch.as_tensor(
+        # torch.tensor copies: pandas 3 hands out read-only arrays, which torch.as_tensor warns about
+        steps[torch.arange(len(active)), torch.tensor(dimension.to_numpy())] = torch.tensor(
             active["shift"].to_numpy(), dtype=steps.dtype, device=self.device
         )
         effect, scale = self._step_effects(steps, n_cells, seed)

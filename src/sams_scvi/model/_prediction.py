@@ -713,6 +713,7 @@ def _sparse_contrast(contrasts: np.ndarray, device: torch.device) -> torch.Tenso
         torch.as_tensor(np.asarray(contrasts, dtype=np.float64)[rows, columns]),
         size=contrasts.shape,
         device=device,
+        check_invariants=True,  # small (nonzeros of a Q x P contrast); says so instead of a torch warning
     ).coalesce()
 
 
