@@ -193,6 +193,21 @@ def test_split_half_ceiling():
         metrics.split_half_ceiling(_additive_screen(n_per_group=1))
 
 
+def test_full_sample_ceiling_is_the_noise_free_correlation():
+    # truth + noise: two halves carry twice the full sample's noise variance; the formula, fed the halves'
+    # correlation, must give the correlation of the truth itself with the full sample
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=200_000)
+    noise_sd = 1.3
+    half_a, half_b = (truth + rng.normal(scale=noise_sd * np.sqrt(2), size=truth.size) for _ in range(2))
+    full = (half_a + half_b) / 2
+    halves_r = np.corrcoef(half_a, half_b)[0, 1]
+    assert metrics.full_sample_ceiling(halves_r) == pytest.approx(np.corrcoef(truth, full)[0, 1], abs=0.005)
+    assert metrics.full_sample_ceiling(1.0) == 1.0 and metrics.full_sample_ceiling(-0.2) == 0.0
+    with pytest.raises(ValueError, match="at most 1"):
+        metrics.full_sample_ceiling(1.5)
+
+
 def test_disjoint_controls_in_evaluate():
     adata = _noisy_screen()
     cells = np.arange(adata.n_obs)

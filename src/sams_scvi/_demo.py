@@ -23,7 +23,9 @@ def run_demo(
     genes, log2 scale, sampled at the data's median library), its Monte-Carlo standard errors (``ate_se.csv``), and
     a figure of predicted against observed ATEs (``ate_scatter.png``). The model trains on a random 90% of the cells;
     its ATEs of the single targets are scored against those observed on the other 10%, next to the training cells'
-    own mean per target (Pearson r over targets x genes, and the slope through the origin: 1 = full size).
+    own mean per target (Pearson r over targets x genes, and the slope through the origin: 1 = full size), and
+    beside the noise ceiling of r (:func:`~sams_scvi.metrics.full_sample_ceiling` of the held-out cells' split
+    halves).
 
     Parameters
     ----------
@@ -75,6 +77,9 @@ def run_demo(
     model_scores = metrics.ate_metrics(ate, observed, perturbations=singles)
     training_mean = metrics.observed_ate(adata, indices=trained_on, perturbations=singles)
     baseline_scores = metrics.ate_metrics(training_mean, observed, perturbations=singles)
+    # the best r any noise-free prediction can expect against these noisy held-out ATEs
+    halves = metrics.split_half_ceiling(adata, perturbations=singles, indices=held_out, seed=seed)
+    ceiling = metrics.full_sample_ceiling(halves["pearson"])
 
     ax = pl.ate_scatter(ate[singles], observed, show=False)
     ax.set_title(
@@ -113,6 +118,7 @@ def run_demo(
         "ate_slope_held_out": round(float(model_scores["slope"]), 3),
         "training_mean_pearson_held_out": round(float(baseline_scores["pearson"]), 3),
         "training_mean_slope_held_out": round(float(baseline_scores["slope"]), 3),
+        "noise_ceiling_pearson_held_out": round(ceiling, 3),
         "mask_active_fraction": round(float((model.get_mask_probabilities().to_numpy() > 0.5).mean()), 3),
         "penetrance_range": "{:.2f}-{:.2f}".format(*model.get_penetrance().agg(["min", "max"])),
         "unseen_combination": unseen,

@@ -5,7 +5,7 @@ from ._baselines import baseline_ate
 from ._evaluate import evaluate
 from ._masks import mask_recovery
 from ._mechanism import effect_decomposition
-from ._noise import random_halves, split_half_ceiling
+from ._noise import full_sample_ceiling, random_halves, split_half_ceiling
 from ._splits import combination_split
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "combination_split",
     "effect_decomposition",
     "evaluate",
+    "full_sample_ceiling",
     "mask_recovery",
     "observed_ate",
     "perturbseq_scale",

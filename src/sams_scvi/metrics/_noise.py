@@ -19,6 +19,27 @@ def random_halves(cells: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return np.sort(shuffled[:half]), np.sort(shuffled[half:])
 
 
+def full_sample_ceiling(split_half_pearson: float) -> float:
+    """The Pearson r a noise-free prediction can expect against the full sample: :math:`\\sqrt{2r / (1 + r)}`.
+
+    :func:`split_half_ceiling` correlates two *half-size* samples, both noisy. A prediction without noise is
+    scored against the full sample, whose noise variance is half a half's; by the Spearman-Brown formula the
+    full sample's reliability is :math:`2r / (1 + r)` and its correlation with the noise-free truth is the square
+    root of that. A model's ``pearson`` above it is fitting the test cells' noise; well below it, the model misses
+    signal the data holds.
+
+    Parameters
+    ----------
+    split_half_pearson
+        The ``pearson`` entry of :func:`split_half_ceiling`. At or below 0 (the halves share no signal) the
+        ceiling is 0.
+    """
+    r = float(split_half_pearson)
+    if not np.isfinite(r) or r > 1:
+        raise ValueError(f"`split_half_pearson` must be a correlation (at most 1), not {split_half_pearson!r}.")
+    return float(np.sqrt(2 * r / (1 + r))) if r > 0 else 0.0
+
+
 def split_half_ceiling(
     adata: AnnData,
     perturbations: Sequence[str] | None = None,
@@ -33,7 +54,8 @@ def split_half_ceiling(
     Each label's cells and the control cells are split in two at random; the ATEs measured on one half are
     scored against those of the other with :func:`~sams_scvi.metrics.ate_metrics`. With ~100 cells per
     condition and a few hundred UMIs per cell this is often far below 1, and a model cannot be expected to
-    beat it (it estimates the agreement of a half-size sample, so it is conservative).
+    beat it (it estimates the agreement of a half-size sample, so it is conservative;
+    :func:`full_sample_ceiling` turns its ``pearson`` into the ceiling of a noise-free prediction).
 
     Parameters
     ----------
