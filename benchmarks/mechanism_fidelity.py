@@ -46,20 +46,12 @@ def split_cells(n_obs: int, seed: int) -> list[np.ndarray]:
     return [np.sort(order[2 * n_test :]), np.sort(order[n_test : 2 * n_test]), np.sort(order[:n_test])]
 
 
+SCORES = ["pearson", "r2", "slope", "pearson_top20", "r2_top20", "slope_top20"]
+
+
 def scores(predicted, observed, perturbations: list[str]) -> dict:
     """Pearson r, R² and slope through the origin, over all genes and the top 20 genes per perturbation."""
-    pred = metrics._ate._as_frame(predicted).loc[perturbations, observed.var_names].to_numpy(float)
-    obs = observed.to_df().loc[perturbations].to_numpy(float)
-    top = np.argpartition(-np.abs(obs), 19, axis=1)[:, :20]
-    out = {}
-    for suffix, (p, o) in {
-        "": (pred, obs),
-        "_top20": (np.take_along_axis(pred, top, 1), np.take_along_axis(obs, top, 1)),
-    }.items():
-        out[f"pearson{suffix}"] = float(np.corrcoef(p.ravel(), o.ravel())[0, 1])
-        out[f"r2{suffix}"] = float(1 - ((o - p) ** 2).sum() / ((o - o.mean()) ** 2).sum())
-        out[f"slope{suffix}"] = float((p * o).sum() / (o * o).sum())
-    return out
+    return metrics.ate_metrics(predicted, observed, perturbations=perturbations, top_k=20)[SCORES].to_dict()
 
 
 DATASETS = {
@@ -83,12 +75,8 @@ def noise_ceiling(dataset: str, seed: int) -> dict:
     """The test cells against themselves: each label's test cells split in two random halves, one half's ATE
     scored against the other's (conservative: each half has half the cells)."""
     adata, split, singles, _ = held_out_singles(dataset, seed)
-    labels = adata.obs["perturbation"].astype(str).to_numpy()
-    halves = [metrics.random_halves(split[2][labels[split[2]] == label], seed) for label in ["control", *singles]]
-    first, second = (np.concatenate([h[i] for h in halves]) for i in (0, 1))
-    half_a = metrics.observed_ate(adata, indices=first, perturbations=singles)
-    half_b = metrics.observed_ate(adata, indices=second, perturbations=singles)
-    return {"predictor": "split-half ceiling (test cells)", **scores(half_a, half_b, singles)}
+    halves = metrics.split_half_ceiling(adata, singles, indices=split[2], seed=seed, top_k=20)
+    return {"predictor": "split-half ceiling (test cells)", **halves[SCORES].to_dict()}
 
 
 def run(recipe: str, seed: int, epochs: int, dataset: str = "tapseq") -> list[dict]:
