@@ -8,12 +8,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scvi
 from anndata import AnnData
 from scvi.utils import track
 
 from .metrics import evaluate
 from .model import CPAVAE, SAMSVAE, BasePerturbationModel, ConditionalVAE, SVAEPlus
+from .model._utils import _scvi_seed
 
 ModelSpec = tuple[type[BasePerturbationModel], dict, dict]
 
@@ -108,22 +108,22 @@ def compare_models(
     for name, (model_cls, model_kwargs, setup_kwargs) in track(
         list(models.items()), description="Training models", disable=not progress_bar
     ):
-        scvi.settings.seed = seed
-        data = adata.copy()
-        for key in [key for key in data.uns if key.startswith("_scvi_")]:  # a copy of registered data is new data:
-            del data.uns[key]  # sharing the user's _scvi_uuid would unregister their AnnData from their models
-        model_cls.setup_anndata(data, **label_kwargs, **setup_kwargs)
-        model = model_cls(data, **model_kwargs)
-        start = time.perf_counter()
-        model.train(
-            max_epochs=max_epochs,
-            datasplitter_kwargs={"external_indexing": [np.asarray(s, dtype=int) for s in split]},
-            **train_kwargs,
-        )
-        seconds = time.perf_counter() - start
-        row = evaluate(model, data, split, **eval_kwargs).loc[subset]
-        row["train_seconds"] = seconds
-        rows[name] = row
+        with _scvi_seed(seed):  # each model starts from the same seed; the caller's session is restored
+            data = adata.copy()
+            for key in [key for key in data.uns if key.startswith("_scvi_")]:  # a copy of registered data is new data:
+                del data.uns[key]  # sharing the user's _scvi_uuid would unregister their AnnData from their models
+            model_cls.setup_anndata(data, **label_kwargs, **setup_kwargs)
+            model = model_cls(data, **model_kwargs)
+            start = time.perf_counter()
+            model.train(
+                max_epochs=max_epochs,
+                datasplitter_kwargs={"external_indexing": [np.asarray(s, dtype=int) for s in split]},
+                **train_kwargs,
+            )
+            seconds = time.perf_counter() - start
+            row = evaluate(model, data, split, **eval_kwargs).loc[subset]
+            row["train_seconds"] = seconds
+            rows[name] = row
     for baseline in baselines:
         rows[f"baseline: {baseline}"] = evaluate(baseline, adata, split, **eval_kwargs).loc[subset]
     table = pd.DataFrame(rows).T

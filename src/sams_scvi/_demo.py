@@ -10,6 +10,7 @@ import scvi
 
 from . import data, metrics, pl
 from .model import SAMSVAE
+from .model._utils import _scvi_seed
 
 MIN_HELD_OUT_CELLS = 10  # targets with fewer held-out cells are not scored (their observed ATE is noise)
 
@@ -42,16 +43,19 @@ def run_demo(
     -------
     A summary dictionary (also printed by the command line).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    scvi.settings.seed = seed
+    workers = scvi.settings.dl_num_workers
     scvi.settings.dl_num_workers = 0
+    try:
+        with _scvi_seed(seed):  # the caller's seed and random states return afterwards
+            return _run_demo(Path(output_dir), max_epochs, seed, progress_bar)
+    finally:
+        scvi.settings.dl_num_workers = workers
 
+
+def _run_demo(output_dir: Path, max_epochs: int, seed: int, progress_bar: bool) -> dict:
+    import matplotlib.pyplot as plt  # no matplotlib.use(): the caller's backend is theirs; the figure is only saved
+
+    output_dir.mkdir(parents=True, exist_ok=True)
     adata = data.schraivogel2020_tapseq()
     SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
     model = SAMSVAE(adata)

@@ -14,6 +14,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # Exceptions that, raised while running a verb, mean "the input or the arguments are wrong" rather than "the
@@ -109,8 +110,24 @@ def _require_model_dir(path: Path) -> None:
         raise CLIError(f"'{path}' is not a model folder written by 'sams-scvi train' (no model.pt)")
 
 
-def _require_output_file(path: Path, flag: str) -> None:
-    """Raise :class:`CLIError` if the output file ``path`` cannot be written.
+def _output_path(text: str) -> Path:
+    """Argparse type of output paths: an empty one would write into the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return Path(text)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that a verb reads and must never overwrite."""
+    return [folder / name for name in ("model.pt", "adata.h5ad", "mdata.h5mu")]
+
+
+def _require_output_file(path: Path, flag: str, inputs: list[Path] = ()) -> None:
+    """Raise :class:`CLIError` if the output file ``path`` cannot be written, or would overwrite an input.
 
     Checked before any work, so that a typo in an output path does not cost a training run or a long sampling.
 
@@ -120,12 +137,17 @@ def _require_output_file(path: Path, flag: str) -> None:
         The output file given by the user.
     flag
         The option that gave it, e.g. ``"--ate"``.
+    inputs
+        Files the command reads (the model's files, ``--adata``): writing over one of them is refused.
     """
     if path.is_dir():
         raise CLIError(f"{flag} '{path}' is a folder; give a file name")
     parent = path.parent
     if not parent.is_dir():
         raise CLIError(f"{flag} '{path}': the folder '{parent}' does not exist")
+    for source in inputs:
+        if _same_file(path, source):
+            raise CLIError(f"{flag} '{path}' is an input of this command ('{source}'); give another file name")
 
 
 def _require_control_cells(obs: pd.DataFrame, key: str, control_value: str) -> None:
@@ -207,6 +229,11 @@ def _train(args: argparse.Namespace) -> None:
     _require_h5ad(args.adata)
     if args.output.exists() and not args.output.is_dir():
         raise CLIError(f"--output '{args.output}' is a file; give a folder for the model")
+    if any(_same_file(path, args.adata) for path in _model_files(args.output)):
+        raise CLIError(
+            f"--output '{args.output}' would overwrite the input '{args.adata}' with the saved model's copy of the "
+            "data; give another folder for the model"
+        )
 
     import scvi
 
@@ -232,7 +259,9 @@ def _train(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     for path, flag in ((args.ate, "--ate"), (args.output, "--output")):
         if path is not None:
-            _require_output_file(path, flag)
+            _require_output_file(path, flag, _model_files(args.model))
+    if args.ate is not None and args.output is not None and _same_file(args.ate, args.output):
+        raise CLIError(f"--ate and --output name the same file '{args.ate}'; give two file names")
     model = _load_model(args.model)
     perturbations = args.perturbations or None
     if args.ate is not None:
@@ -248,13 +277,15 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     if args.adata is not None:
         _require_h5ad(args.adata, "--adata")
-    _require_output_file(args.output, "--output")
+    _require_output_file(args.output, "--output", [*_model_files(args.model), *([args.adata] if args.adata else [])])
     model = _load_model(args.model)
 
     from .metrics import evaluate
 
     adata = model.adata if args.adata is None else _read_h5ad(args.adata, "--adata")
     split = [model.train_indices, model.validation_indices, model.test_indices]
+    if args.adata is not None:
+        split = _split_for(adata, model.adata, split)
     subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
     tables = {
         "SAMS-VAE": evaluate(
@@ -277,8 +308,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"Wrote {args.output}")
 
 
+def _split_for(adata, saved, split: list) -> list:
+    """The saved model's train / validation / test cells as positions in ``adata``, found by cell name.
+
+    The split is stored as positions in the saved data; ``--adata`` may hold the same cells in another order.
+    """
+    names = pd.Index(adata.obs_names)
+    if not names.is_unique:
+        raise CLIError("--adata has repeated cell names; call adata.obs_names_make_unique() and save it again")
+    saved_names = pd.Index(saved.obs_names)
+    missing = saved_names.difference(names)
+    if len(missing):
+        raise CLIError(
+            f"--adata lacks {len(missing)} of the {len(saved_names)} cells the model was trained and split on "
+            f"(e.g. {list(missing[:3])}); give the data the model was trained on (the model folder's adata.h5ad)"
+        )
+    return [names.get_indexer(saved_names[np.asarray(cells, dtype=np.int64)]) for cells in split]
+
+
 def _screen(args: argparse.Namespace) -> None:
-    _require_output_file(args.output, "--output")
+    _require_output_file(args.output, "--output", _model_files(args.model))
     model = _load_model(args.model)
     screen = model.screen_combinations(
         args.pairs or None,
@@ -369,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(ate_scatter.png) to the output folder.",
         ["sams-scvi demo --output demo_output/", "sams-scvi demo --max-epochs 20 --quiet   # a quick look"],
     )
-    demo.add_argument("--output", default="demo_output", type=Path, help="folder for the results, created if missing")
+    demo.add_argument(
+        "--output", default="demo_output", type=_output_path, help="folder for the results, created if missing"
+    )
     demo.add_argument("--max-epochs", default=120, type=_positive_int, help="training epochs")
     demo.add_argument("--seed", default=0, type=int, help="random seed")
     demo.set_defaults(func=_demo)
@@ -400,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="training epochs (default: 120, fewer for more than 66,667 cells)",
     )
     train.add_argument("--seed", default=0, type=int, help="random seed")
-    train.add_argument("--output", required=True, type=Path, help="folder for the saved model, created if missing")
+    train.add_argument(
+        "--output", required=True, type=_output_path, help="folder for the saved model, created if missing"
+    )
     train.set_defaults(func=_train)
 
     predict = add_verb(
@@ -419,8 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--perturbations", nargs="*", default=None, help="labels, e.g. A A+B (default: those in the training data)"
     )
-    predict.add_argument("--output", type=Path, default=None, help="h5ad of counterfactual expression of control cells")
-    predict.add_argument("--ate", type=Path, default=None, help="CSV of average treatment effects")
+    predict.add_argument(
+        "--output", type=_output_path, default=None, help="h5ad of counterfactual expression of control cells"
+    )
+    predict.add_argument("--ate", type=_output_path, default=None, help="CSV of average treatment effects")
     predict.add_argument("--n-samples", default=2500, type=_n_samples, help="Monte-Carlo samples of the ATEs (>= 4)")
     predict.set_defaults(func=_predict)
 
@@ -449,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--n-samples", default=2500, type=_n_samples, help="Monte-Carlo samples of the ATEs (>= 4)")
     evaluate.add_argument("--per-perturbation", action="store_true", help="one row per (subset, perturbation)")
-    evaluate.add_argument("--output", type=Path, default=Path("metrics.csv"), help="CSV of the metrics")
+    evaluate.add_argument("--output", type=_output_path, default=Path("metrics.csv"), help="CSV of the metrics")
     evaluate.set_defaults(func=_evaluate)
 
     screen = add_verb(
@@ -477,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--credible-level", default=0.9, type=_probability, help="level of the credible intervals, in (0, 1)"
     )
     screen.add_argument("--top", default=None, type=_positive_int, help="keep only this many best-ranked pairs")
-    screen.add_argument("--output", type=Path, default=Path("screen.csv"), help="CSV of the ranked pairs")
+    screen.add_argument("--output", type=_output_path, default=Path("screen.csv"), help="CSV of the ranked pairs")
     screen.set_defaults(func=_screen)
     return parser
 

@@ -233,9 +233,10 @@ def replogle2022_k562(
     known_hash = source.known_hash if known_hash is None else known_hash
     converted = _converted_path(cache, source, known_hash)
     if not converted.exists():
+        downloaded_before = (cache / source.fname).exists()
         raw = _fetch(source, cache, known_hash)
         _atomic_write(converted, lambda tmp: _convert_replogle(raw, tmp, chunk_size))
-        if not keep_download:
+        if not keep_download and not downloaded_before:  # a copy the user placed there is theirs to keep
             raw.unlink()
     adata = ad.read_h5ad(converted, backed="r" if backed else None)
     adata.obs["perturbation"] = _replogle_labels(adata.obs, label)

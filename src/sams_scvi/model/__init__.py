@@ -3,6 +3,7 @@
 from ._base import BasePerturbationModel, default_max_epochs
 from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
+from ._persistence import UnsafeModelFileError
 from ._training_plan import SAMSTrainingPlan
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "SAMSTrainingPlan",
     "SAMSVAE",
     "SVAEPlus",
+    "UnsafeModelFileError",
     "bootstrap_models",
     "default_max_epochs",
     "ensemble_ate",

@@ -37,12 +37,18 @@ from sams_scvi.data._perturbation_field import (
 )
 from sams_scvi.module import SAMSModule
 
-from ._checkpoint import ResumableCheckpoint
-from ._cpu_memory import reuse_freed_memory
+from ._checkpoint import InterruptWatch, ResumableCheckpoint, checkpoint_settings, settings_differences
+from ._cpu_memory import flush_denormals, reuse_freed_memory
 from ._data_splitter import SAMSDataSplitter
 from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
-from ._persistence import check_model_folder, save_atomically
+from ._persistence import (
+    check_model_folder,
+    history_from_arrays,
+    history_to_arrays,
+    safe_model_loading,
+    save_atomically,
+)
 from ._prediction import PredictionMixin
 from ._training_plan import SAMSTrainingPlan
 from ._utils import (
@@ -90,6 +96,22 @@ def _check_plan_kwargs(plan_cls, module, plan_kwargs: dict | None) -> None:
             f"Unknown plan_kwargs {unknown}: neither {plan_cls.__name__} nor scvi-tools' TrainingPlan takes them. "
             f"Valid keys: {sorted(known)}."
         )
+
+
+def _registration_copy(adata: AnnData) -> AnnData:
+    """A new AnnData holding ``adata``'s matrices (not copied) with its own obs, var, obsm and uns.
+
+    scvi-tools' registration writes into these, so a reading method given data that was never set up leaves it as
+    it was; the expression matrices, the large part, are shared rather than copied.
+    """
+    return AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        layers=dict(adata.layers.items()),
+        obsm=dict(adata.obsm.items()),
+        uns={key: value for key, value in adata.uns.items() if not str(key).startswith("_scvi")},
+    )
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -279,6 +301,11 @@ class BasePerturbationModel(
 
     @classmethod
     def _register(cls, data, fields: list, setup_method_args: dict, **kwargs) -> None:
+        registered = cls._setup_adata_manager_store.get(data.uns.get("_scvi_uuid"))
+        if registered is not None and registered.adata is not data:
+            # a copy of set-up data carries the original's id; registering it under that id would take the original's
+            # registration away ("Did you make a copy?" on the next model built on the original)
+            _assign_adata_uuid(data, overwrite=True)
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(data, **kwargs)
         state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
@@ -289,7 +316,11 @@ class BasePerturbationModel(
             messages.append(
                 f"No cells are labelled {control!r}: the model can be trained, but average treatment effects "
                 "(estimate_ate) need control cells to define the unperturbed state."
-                + (f" Labels {candidates} look like controls: pass control_value={candidates[0]!r}." if candidates else "")
+                + (
+                    f" Labels {candidates} look like controls: pass control_value={candidates[0]!r}."
+                    if candidates
+                    else ""
+                )
             )
         for message in messages:
             warnings.warn(message, UserWarning, stacklevel=3)  # the user's setup_anndata call
@@ -387,35 +418,78 @@ class BasePerturbationModel(
                 f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder; pass a folder (new or one that an "
                 "earlier run checkpointed to)."
             )
+        checkpoint = None
         if checkpoint_dir is not None:
             _check_positive("checkpoint_every_n_epochs", checkpoint_every_n_epochs, integer=True)
-            checkpoint = ResumableCheckpoint(checkpoint_dir, every_n_epochs=int(checkpoint_every_n_epochs))
+            settings = self._run_settings(lr, batch_size, train_size, validation_size, plan_kwargs)
+            checkpoint = ResumableCheckpoint(checkpoint_dir, int(checkpoint_every_n_epochs), settings)
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), checkpoint]
             if resume and checkpoint.last_path.exists():
                 if trainer_kwargs.get("ckpt_path") is not None:
                     raise ValueError("Pass either resume=True or ckpt_path, not both.")
+                saved = checkpoint_settings(checkpoint.last_path)
+                differences = settings_differences(saved, settings) if saved is not None else []
+                if differences:
+                    raise ValueError(
+                        f"Cannot resume from {checkpoint.last_path}: it was written by a run with other settings ("
+                        + "; ".join(differences)
+                        + "). Create the model and call train as the interrupted run did, or choose another "
+                        "checkpoint_dir to start a new run."
+                    )
                 trainer_kwargs["ckpt_path"] = str(checkpoint.last_path)
                 logger.info("Resuming training from %s", checkpoint.last_path)
         elif resume:
             raise ValueError("resume=True needs the checkpoint_dir that the interrupted run wrote to.")
         if max_epochs is None and trainer_kwargs.get("datamodule") is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
-        # Adam's weight decay drives weights on all-zero inputs into float32 denormals, which are ~5x slower
-        # on CPUs (spec §9.4); flushing them to zero changes nothing measurable.
-        torch.set_flush_denormal(True)
-        with quiet_dependencies(), reuse_freed_memory(enabled=reuse_cpu_memory):
-            return super().train(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **trainer_kwargs,
-            )
+        interrupt = InterruptWatch()
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), interrupt]
+        with quiet_dependencies(), reuse_freed_memory(enabled=reuse_cpu_memory), flush_denormals():
+            try:
+                return super().train(
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    plan_kwargs=plan_kwargs,
+                    datasplitter_kwargs=datasplitter_kwargs,
+                    **trainer_kwargs,
+                )
+            except SystemExit:
+                if interrupt.epoch is None:
+                    raise
+                # Lightning turns Ctrl+C into sys.exit(1), which would end a script without a word and leave the model
+                # as if never trained
+                self.module.eval()
+                self.is_trained_ = True
+                resume_hint = (
+                    f"To continue, create the model as before and call train(..., checkpoint_dir={str(checkpoint_dir)!r}, "
+                    "resume=True): it resumes from the last checkpoint."
+                    if checkpoint is not None and checkpoint.last_path.exists()
+                    else "Pass checkpoint_dir=... to train() to be able to resume after an interruption."
+                )
+                raise KeyboardInterrupt(
+                    f"Training stopped by the user during epoch {interrupt.epoch + 1}. The model keeps the parameters "
+                    f"of its last step (undertrained; no training history). {resume_hint}"
+                ) from None
+
+    def _run_settings(self, lr, batch_size, train_size, validation_size, plan_kwargs) -> dict:
+        """What a training checkpoint must match to be resumed: model, data and training arguments."""
+        return {
+            "model": type(self).__name__,
+            "init_params": self.init_params_,
+            "genes": [str(gene) for gene in self._gene_names],
+            "perturbations": self.perturbations,
+            "n_cells": None if self.adata is None else int(self.adata.n_obs),
+            "lr": lr,
+            "batch_size": batch_size,
+            "train_size": train_size,
+            "validation_size": validation_size,
+            "plan_kwargs": plan_kwargs,
+        }
 
     def _check_train_args(
         self,
@@ -521,7 +595,16 @@ class BasePerturbationModel(
                 # scvi-tools would turn the user's view into an actual AnnData in place (_check_if_view)
                 adata = adata.copy()
                 _assign_adata_uuid(adata, overwrite=True)  # its own manager, as scvi-tools gives a copied view
+            elif isinstance(adata, AnnData) and not adata.isbacked and self._unregistered(adata):
+                # scvi-tools would write its registration (obs columns, obsm, uns) into data the user never set
+                # up; it goes into a copy that shares the matrices instead
+                adata = _registration_copy(adata)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _unregistered(self, adata: AnnData) -> bool:
+        """Whether ``adata`` has no registration with this model (scvi-tools would then transfer one into it)."""
+        manager = self._per_instance_manager_store.get(self.id, {}).get(adata.uns.get("_scvi_uuid"))
+        return manager is None or manager.adata is not adata
 
     def save(
         self,
@@ -535,8 +618,9 @@ class BasePerturbationModel(
         """Save the model (and, with ``save_anndata=True``, its AnnData) to the folder ``dir_path``.
 
         Files are written to a temporary folder beside ``dir_path`` and moved into place when complete, so a
-        crash while saving leaves no half-written model: ``dir_path`` holds the previous save or nothing. See
-        :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
+        crash while saving leaves no half-written model. Only this ``prefix``'s files are written or replaced
+        (``{prefix}model.pt``, ``{prefix}adata.h5ad``): the folder's other files, other prefixes' models included,
+        are left alone. See :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
         """
         save_atomically(
             lambda staging: super(BasePerturbationModel, self).save(
@@ -548,6 +632,7 @@ class BasePerturbationModel(
                 **anndata_write_kwargs,
             ),
             dir_path,
+            prefix,
             overwrite,
         )
 
@@ -555,8 +640,9 @@ class BasePerturbationModel(
     def load(cls, dir_path: str, adata=None, **kwargs):
         """Load a saved model; ``adata`` must hold the same genes, in the same order, as the training data.
 
-        A missing, incomplete or damaged folder raises an error that says which. See
-        :meth:`scvi.model.base.BaseModelClass.load` for the arguments.
+        The model file is read building only tensors, arrays and tables: a file that asks to run code is
+        refused with an error and nothing of it runs. A missing, incomplete or damaged folder raises an error
+        that says which. See :meth:`scvi.model.base.BaseModelClass.load` for the arguments.
         """
         if kwargs.get("backup_url") is None:
             check_model_folder(dir_path, kwargs.get("prefix"), needs_data=adata is None)
@@ -564,7 +650,39 @@ class BasePerturbationModel(
             registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
             genes = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
             _check_gene_names(pd.Index(genes), adata, registry)
-        return super().load(dir_path, adata=adata, **kwargs)
+        with safe_model_loading():
+            model = super().load(dir_path, adata=adata, **kwargs)
+        model.history_ = history_from_arrays(model.history_)
+        return model
+
+    def _get_user_attributes(self) -> list[tuple[str, object]]:
+        """The attributes scvi-tools' ``save`` writes, with the training history as plain arrays."""
+        return [
+            (name, history_to_arrays(value) if name == "history_" else value)
+            for name, value in super()._get_user_attributes()
+        ]
+
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict:
+        """The registry saved with a model (read as safely as by :meth:`load`)."""
+        check_model_folder(dir_path, prefix, needs_data=False)
+        with safe_model_loading():
+            return BaseModelClass.load_registry(dir_path, prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
+        """Print the setup arguments saved with a model (read as safely as by :meth:`load`)."""
+        check_model_folder(dir_path, prefix, needs_data=False)
+        with safe_model_loading():
+            BaseModelClass.view_setup_args(dir_path, prefix)
+
+    @classmethod
+    def convert_legacy_save(cls, *args, **kwargs) -> None:
+        """Not available: the legacy (scvi-tools < 0.15) format is unpickled in full, which can run code."""
+        raise NotImplementedError(
+            f"{cls.__name__} never wrote scvi-tools' legacy save format, and converting one unpickles its files in "
+            "full (which can run code they carry). Load folders written by model.save()."
+        )
 
     def _sample_covariates(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         """Covariate codes of random registered cells, shape (*shape, J), to marginalise covariates out."""

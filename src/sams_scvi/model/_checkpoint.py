@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +29,12 @@ class ResumableCheckpoint(Callback):
     (without optimiser state) and deletes the Lightning checkpoint that resuming needs.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, every_n_epochs: int = 1) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_n_epochs: int = 1, settings: dict | None = None) -> None:
         super().__init__()
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
+        # what the run was started with (model, data, training arguments), compared when resuming
+        self.settings = _as_json(settings or {})
 
     @property
     def last_path(self) -> Path:
@@ -54,6 +59,7 @@ class ResumableCheckpoint(Callback):
             # tensors and plain numbers only, so the checkpoint loads with torch.load(weights_only=True)
             "numpy": [numpy_state[0], torch.as_tensor(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
             "python": random.getstate(),
+            "settings": json.dumps(self.settings, sort_keys=True),  # text: loads as weights only
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -64,3 +70,62 @@ class ResumableCheckpoint(Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         version, internal, gauss = state_dict["python"]
         random.setstate((version, tuple(internal), gauss))
+
+
+def _as_json(value) -> dict:
+    """``value`` as JSON reads it back: lists for tuples, text for anything JSON has no type for."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def checkpoint_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a checkpoint was written with (``None`` for one written before they were stored).
+
+    Read with ``torch.load(weights_only=True)``, as Lightning reads it to resume: a file that asks to run code is
+    refused, and a damaged one (empty, truncated) raises an error that says how to start over.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Refused to resume from {str(path)!r}: it holds Python objects a training checkpoint never holds "
+            f"({str(error).splitlines()[0]}), and nothing of it was run. Delete it (or choose another "
+            "checkpoint_dir) to train from the beginning."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(
+            f"Cannot resume: the checkpoint {str(path)!r} is damaged ({type(error).__name__}). Delete it (or choose "
+            "another checkpoint_dir) to train from the beginning."
+        ) from None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith(ResumableCheckpoint.__qualname__) and "settings" in state:
+            return json.loads(state["settings"])
+    return None
+
+
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """One line per setting that differs between a checkpoint and the run that resumes from it."""
+    current = _as_json(current)
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, list) and isinstance(new, list) and (len(old) > 5 or len(new) > 5):
+            first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+            lines.append(f"{key}: {len(old)} in the checkpoint, {len(new)} now, first difference at position {first}")
+        else:
+            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+    return lines
+
+
+class InterruptWatch(Callback):
+    """Records the epoch at which the user stopped training (Ctrl+C), which Lightning turns into ``SystemExit``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch: int | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.epoch = trainer.current_epoch

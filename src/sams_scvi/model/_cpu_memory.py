@@ -16,6 +16,8 @@ import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 _M_TOP_PAD = -2  # mallopt parameter number, <malloc.h>
 _GLIBC_DEFAULT_TOP_PAD = 128 * 1024  # mallopt(3)
 HEAP_PAD_BYTES = 1 << 30
@@ -46,3 +48,24 @@ def reuse_freed_memory(enabled: bool = True, pad_bytes: int = HEAP_PAD_BYTES) ->
     finally:
         if applied:
             libc.mallopt(_M_TOP_PAD, _GLIBC_DEFAULT_TOP_PAD)
+
+
+def _flushing_denormals() -> bool:
+    """Whether this thread's CPU flushes float denormals to zero (a float32 denormal times one reads as zero)."""
+    return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Within the block, the CPU flushes float denormals to zero; the caller's setting returns afterwards.
+
+    Adam's weight decay drives weights on all-zero inputs (genes never expressed) into float32 denormals, which
+    CPUs compute ~5x slower; flushing them changes no result measurably. The setting is process-wide (every float
+    computation of this thread, the user's own numpy and Python arithmetic included), so it is restored on exit.
+    """
+    before = _flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)

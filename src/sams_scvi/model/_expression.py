@@ -173,6 +173,7 @@ class ExpressionMixin:
         All arguments are scvi-tools'; ``seed`` fixes the Monte-Carlo draws (``None``: the global random state).
         A ``groupby`` column or a group that the data does not have raises an error that lists those there are.
         """
+        self._check_if_trained(warn=False)
         bound = inspect.signature(RNASeqMixin.differential_expression).bind(self, *args, **kwargs).arguments
         groupby, data = bound.get("groupby"), self.adata if bound.get("adata") is None else bound["adata"]
         if groupby is not None and data is not None:
@@ -198,5 +199,6 @@ class ExpressionMixin:
 
         One posterior sample per cell; ``seed`` fixes it (``None``: the global random state).
         """
+        self._check_if_trained(warn=False)
         with _seeded(seed, self.device):
             return VAEMixin.get_reconstruction_error(self, *args, **kwargs)

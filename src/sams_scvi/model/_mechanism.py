@@ -24,6 +24,7 @@ class MechanismMixin:
         """Posterior probability :math:`q(m_{tk} = 1)` that perturbation ``t`` acts on latent dimension ``k``."""
         if not self.module.mechanism.has_mask:
             raise ValueError(f"{self._display_name} has no masks.")
+        self._check_if_trained(warn=False)
         probs = torch.sigmoid(self.module.mask_logits).detach().cpu().numpy()
         return pd.DataFrame(
             probs, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(probs.shape[1])
@@ -34,6 +35,7 @@ class MechanismMixin:
         """Estimated probability :math:`\\pi_t` that a cell responds to perturbation ``t`` (``penetrance=True``)."""
         if not self.module.models_penetrance:
             raise ValueError(f"{self._display_name} was built without `penetrance=True`.")
+        self._check_if_trained(warn=False)
         values = torch.sigmoid(self.module.penetrance_logit).cpu().numpy()
         return pd.Series(values, index=pd.Index(self.perturbations, name="perturbation"), name="penetrance")
 
@@ -72,6 +74,7 @@ class MechanismMixin:
         """Posterior point estimate of each perturbation's latent shift :math:`m_t \\odot e_t` (perturbations x K)."""
         if not self.module.mechanism.has_shift:
             raise ValueError(f"{self._display_name} has no latent perturbation shifts.")
+        self._check_if_trained(warn=False)
         shift = self.module.point_globals()["shift"][0].cpu().numpy()
         return pd.DataFrame(
             shift, index=pd.Index(self.perturbations, name="perturbation"), columns=_latent_names(shift.shape[1])
@@ -96,6 +99,7 @@ class MechanismMixin:
         ``penetrance=True``) each row is multiplied by :math:`\pi_t`: the mean shift of a population of treated
         cells, escapers included.
         """
+        self._check_if_trained(warn=False)
         self._require_shift()
         _check_positive("n_samples", n_samples, integer=True)
         n_samples = int(n_samples)
@@ -117,6 +121,7 @@ class MechanismMixin:
         ``share`` (the dimension's share of the perturbation's squared shift). Perturbations without any active
         dimension have no row.
         """
+        self._check_if_trained(warn=False)
         _check_number("threshold", threshold)
         if not 0 < threshold < 1:
             raise ValueError("`threshold` must lie strictly between 0 and 1.")
@@ -145,6 +150,7 @@ class MechanismMixin:
         ``"jaccard"``: shared over united active dimensions (NaN when neither has one). Active: mask probability
         above ``threshold``.
         """
+        self._check_if_trained(warn=False)
         if metric == "cosine":
             return _cosine_similarity(self.get_effective_shifts(n_samples=n_samples, seed=seed))
         if metric not in ("shared_dimensions", "jaccard"):
@@ -184,6 +190,7 @@ class MechanismMixin:
         with masks, ``layers["mask_probability"]``; ``obsp["cosine_similarity"]`` and, with masks,
         ``obsp["shared_dimensions"]``.
         """
+        self._check_if_trained(warn=False)
         if not 0 <= module_distance <= 2:
             raise ValueError("`module_distance` is a cosine distance, between 0 and 2.")
         shifts = self.get_effective_shifts(n_samples=n_samples, seed=seed)
@@ -234,6 +241,7 @@ class MechanismMixin:
         ``n_top_genes`` genes per dimension (``None``: every gene); ``attrs["scale"]`` names the effect's scale.
         Which perturbations act through a dimension: :meth:`get_active_dimensions`.
         """
+        self._check_if_trained(warn=False)
         self._require_shift()
         if n_top_genes is not None and n_top_genes < 1:
             raise ValueError("`n_top_genes` must be a positive integer or None.")
@@ -268,6 +276,7 @@ class MechanismMixin:
         (perturbation, active dimension, gene), the ``n_top_genes`` largest per dimension: the columns of
         :meth:`get_active_dimensions`, then ``gene``, ``effect`` and ``rank``.
         """
+        self._check_if_trained(warn=False)
         if n_top_genes < 1:
             raise ValueError("`n_top_genes` must be a positive integer.")
         _check_number("threshold", threshold)

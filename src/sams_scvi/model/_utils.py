@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -114,7 +117,8 @@ class _seeded:
     """Context manager: reseed torch (and numpy) inside, restore the caller's random state afterwards."""
 
     def __init__(self, seed: int | None, device: torch.device | str) -> None:
-        self.seed = seed
+        _check_seed(seed, allow_none=True)
+        self.seed = None if seed is None else int(seed)
         self.devices = [device] if torch.device(device).type == "cuda" else []
 
     def __enter__(self):
@@ -134,14 +138,48 @@ class _seeded:
         return self._fork.__exit__(*exc)
 
 
+@contextlib.contextmanager
+def _scvi_seed(seed: int) -> Iterator[None]:
+    """``scvi.settings.seed = seed`` inside the block; afterwards the caller's session is as it was.
+
+    Setting scvi-tools' seed reseeds torch, numpy and Python, switches cuDNN to deterministic kernels and extends
+    ``XLA_FLAGS``; all of it, and the seed value itself, is restored on exit (without reseeding).
+    """
+    import random
+
+    import scvi
+
+    previous_seed = scvi.settings.seed
+    environment = {name: os.environ.get(name) for name in ("XLA_FLAGS", "PL_GLOBAL_SEED")}
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+        scvi.settings.seed = int(seed)
+        try:
+            yield
+        finally:
+            scvi.settings._seed = previous_seed  # the value only: the setter would reseed everything again
+            for name, value in environment.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
 def _as_positions(adata, indices, name: str = "indices") -> np.ndarray | None:
     """Cell positions from integer positions, a boolean mask or obs names, as scanpy accepts them.
 
-    ``None`` stays ``None`` (all cells). Negative positions count from the end, as in numpy.
+    ``None`` stays ``None`` (all cells). Negative positions count from the end, as in numpy. A selection of no cells
+    is refused: every caller would otherwise fail later inside torch or pandas.
     """
     if indices is None:
         return None
-    values = np.asarray(list(indices) if isinstance(indices, pd.Index) else indices)
+    if isinstance(indices, str):
+        raise TypeError(f"`{name}` must be a list of cells, not the text {indices!r}; pass [{indices!r}].")
+    values = np.asarray(list(indices) if isinstance(indices, pd.Index | pd.Series) else indices)
     if values.ndim != 1:
         raise ValueError(f"`{name}` must be one-dimensional (positions, a boolean mask or obs names).")
     n_obs = adata.n_obs
@@ -151,23 +189,34 @@ def _as_positions(adata, indices, name: str = "indices") -> np.ndarray | None:
                 f"The boolean mask `{name}` has {values.shape[0]} entries but `adata` has {n_obs} cells; pass one "
                 "entry per cell of the AnnData given (or of the registered one)."
             )
-        return np.flatnonzero(values)
-    if values.dtype.kind in "OUS":
-        positions = pd.Index(adata.obs_names).get_indexer(values.astype(str))
+        positions = np.flatnonzero(values)
+    elif values.size == 0:
+        positions = values.astype(np.int64)
+    elif values.dtype.kind in "OUS":
+        obs_names = pd.Index(adata.obs_names)
+        if not obs_names.is_unique:
+            repeated = obs_names[obs_names.duplicated()].unique()
+            raise ValueError(
+                f"`{name}` names cells, but {len(repeated)} obs names occur more than once (e.g. "
+                f"{list(repeated[:3])}), so a name does not identify one cell. Call adata.obs_names_make_unique() "
+                "first, or pass positions or a boolean mask."
+            )
+        positions = obs_names.get_indexer(values.astype(str))
         missing = values[positions < 0]
         if missing.size:
             raise ValueError(
                 f"{missing.size} entries of `{name}` are not obs names of `adata` (e.g. {list(missing[:3])}); pass "
                 "obs names, integer positions or a boolean mask."
             )
-        return positions
-    if values.size == 0:
-        return values.astype(np.int64)
-    if values.dtype.kind not in "iu":
+    elif values.dtype.kind not in "iu":
         raise TypeError(f"`{name}` must hold integer positions, booleans or obs names, not {values.dtype}.")
-    if values.min() < -n_obs or values.max() >= n_obs:
+    elif values.min() < -n_obs or values.max() >= n_obs:
         raise IndexError(f"`{name}` has positions outside 0..{n_obs - 1}, the cells of `adata`.")
-    return np.where(values < 0, values + n_obs, values).astype(np.int64)
+    else:
+        positions = np.where(values < 0, values + n_obs, values)
+    if positions.size == 0:
+        raise ValueError(f"`{name}` selects no cells; pass at least one cell, or None for all cells.")
+    return positions.astype(np.int64)
 
 
 def _check_positive(name: str, value, integer: bool = False) -> None:
@@ -179,6 +228,15 @@ def _check_positive(name: str, value, integer: bool = False) -> None:
         raise ValueError(f"`{name}` must be a {kind}, not {value!r}.")
     if integer and int(value) != value:
         raise ValueError(f"`{name}` must be a positive integer, not {value!r}.")
+
+
+def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> None:
+    """Raise unless ``seed`` is a non-negative integer (or ``None``, with ``allow_none``): torch and numpy refuse others."""
+    if seed is None and allow_none:
+        return
+    _check_number(name, seed)
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, not {seed!r}.")
 
 
 def _check_number(name: str, value) -> None:
