@@ -1,8 +1,9 @@
 """Checks of perturbation labels that catch set-up mistakes the parser cannot see on its own.
 
 A label that is almost the control label (``"Control"`` among ``"control"``), two spellings of one perturbation
-(``"myc"`` and ``"MYC"``), a perturbation named twice (``"A+A"``) or combinations written with another separator
-than ``delimiter`` all parse without error into a design that is silently not the one meant.
+(``"myc"`` and ``"MYC"``), a perturbation named twice (``"A+A"``), combinations written with another separator
+than ``delimiter`` or guide numbers after the delimiter (``"MYC_1"`` with ``delimiter="_"``) all parse without
+error into a design that is silently not the one meant.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ CONTROL_NAMES = {
 
 
 _NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _fold(name: str) -> str:
@@ -57,6 +59,48 @@ def repeated_perturbations(labels: Iterable[str], control_value: str, delimiter:
         if len(set(names)) < len(names):
             repeated.append(label)
     return repeated
+
+
+def numbered_labels(labels: Iterable[str], control_value: str, delimiter: str) -> tuple[list[str], list[str]]:
+    """Labels that split into named perturbations and bare numbers (``"MYC_1"`` with ``delimiter="_"``).
+
+    Such a number is almost always a guide's index; as a perturbation of its own it is shared by every label with
+    that index and links unrelated perturbations. Labels made only of numbers (numeric perturbation codes) and
+    numbers that are also a label on their own (a perturbation in its own right) are not reported. Returns the
+    labels and the numbers.
+    """
+    split = {
+        label: [name for name in (n.strip() for n in label.split(delimiter)) if name != control_value]
+        for label in labels
+    }
+    alone = {names[0] for names in split.values() if len(names) == 1}
+    found, numbers = [], set()
+    for label, names in split.items():
+        numeric = {name for name in names if _DIGITS.fullmatch(name) and name not in alone}
+        if numeric and any(not _DIGITS.fullmatch(name) for name in names):
+            found.append(label)
+            numbers |= numeric
+    return found, sorted(numbers, key=int)
+
+
+def guide_number_warning(labels: Iterable[str], control_value: str, delimiter: str, key: str = "key") -> str | None:
+    """A warning when labels carry guide numbers after the delimiter (:func:`numbered_labels`), else ``None``.
+
+    Not part of :func:`label_warnings`: a screen may name perturbations by numbers and combine them with named
+    ones, which that function's checks must accept; this one is raised where labels are registered, on the
+    evidence that numbers sit next to names and are never a label on their own.
+    """
+    numbered, numbers = numbered_labels(labels, control_value, delimiter)
+    if not numbered:
+        return None
+    guide = re.escape(delimiter) + "[0-9]+(?=" + re.escape(delimiter) + "|$)"
+    return (
+        f"Labels such as {_examples(numbered)} look like guide numbers after the delimiter {delimiter!r}: they "
+        f"split into perturbations named only by a number ({_examples(numbers)}), which every label with that "
+        "number shares, so unrelated perturbations are modelled as sharing one. Pass the delimiter that joins "
+        "combinations (e.g. delimiter='+') or strip the guide suffix before setup, e.g. "
+        f"adata.obs[{key!r}] = adata.obs[{key!r}].str.replace(r'{guide}', '', regex=True)."
+    )
 
 
 def other_delimiter(vocabulary: Iterable[str], control_value: str, delimiter: str) -> tuple[str, list[str]] | None:

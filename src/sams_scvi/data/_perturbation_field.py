@@ -11,7 +11,7 @@ import rich
 from scipy import sparse
 from scvi.data.fields import BaseAnnDataField, MuDataWrapper
 
-from ._label_checks import control_like
+from ._label_checks import control_like, guide_number_warning
 
 
 def label_text(value, name: str = "control_value") -> str:
@@ -21,6 +21,36 @@ def label_text(value, name: str = "control_value") -> str:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"`{name}` must be a label (text or a number), not {value!r}.")
     return str(value)
+
+
+# Dosage texts that mean "no dosage given" (NaN, None and pandas' NA are read as "").
+NO_DOSAGE = ("nan", "None", "")
+# pandas' inferred kinds of a label column that hold only scalars: nothing to scan cell by cell.
+_SCALAR_KINDS = {"string", "integer", "floating", "mixed-integer-float", "boolean", "decimal", "integer-na", "empty"}
+
+
+def check_text_labels(values, label_source: str = "labels", delimiter: str = "+") -> None:
+    """Raise a :class:`TypeError` when labels are tuples, lists or arrays instead of text such as ``"A+B"``.
+
+    Such a label would be read as the text of the Python object (``"('A', 'B')"``), one perturbation, so its
+    combination would be lost. Numbers and categories of text are labels as they are.
+    """
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.cat.categories
+    values = np.asarray(values, dtype=object)
+    if values.ndim == 1:
+        if pd.api.types.infer_dtype(values, skipna=True) in _SCALAR_KINDS:
+            return
+        example = next((value for value in values if not pd.api.types.is_scalar(value)), None)
+        if example is None:
+            return
+        shown = f"tuples, lists or arrays (e.g. {example!r})"
+    else:
+        shown = f"a {values.ndim}-dimensional array"
+    raise TypeError(
+        f"{label_source} holds {shown}; labels must be text like 'A{delimiter}B', one per cell. Join each "
+        f"cell's perturbations first, e.g. {label_source} = {label_source}.map({delimiter!r}.join)."
+    )
 
 
 def parse_perturbations(
@@ -49,7 +79,9 @@ def parse_perturbations(
         Separator between the atomic perturbations of a combination.
     dosages
         Optional labels of the same shape as ``labels`` with one number per atomic perturbation
-        (``"1+0.5"``). Ignored for control cells.
+        (``"1+0.5"``). Ignored for control cells. A missing entry (NaN, None, pandas' NA or ``""``) gives each
+        perturbation of the cell dosage 1; :meth:`~sams_scvi.SAMSVAE.setup_anndata` refuses perturbed cells
+        without a dosage instead.
     vocabulary
         Atomic perturbations that define the columns. If given (transfer to new data), a label that names
         a perturbation outside it raises a :class:`ValueError`; unseen combinations of known perturbations
@@ -63,8 +95,18 @@ def parse_perturbations(
     Returns
     -------
     The float32 CSR design matrix and its column names (the vocabulary).
+
+    Raises
+    ------
+    TypeError
+        If labels are tuples, lists or arrays rather than text such as ``"A+B"``.
     """
-    labels = pd.Series(np.asarray(labels, dtype=object))
+    if isinstance(labels, pd.Series | pd.Index | pd.Categorical | np.ndarray):
+        values = np.asarray(labels, dtype=object)
+    else:  # a list of equal-length tuples would become a 2-D array
+        values = pd.Series(list(labels), dtype=object).to_numpy()
+    check_text_labels(values, label_source, delimiter)
+    labels = pd.Series(values)
     missing = labels.isna()
     if missing.any():
         raise ValueError(
@@ -85,7 +127,7 @@ def parse_perturbations(
     dosage_texts = ["" if pd.isna(value) else str(value) for value in dosage_values]  # NaN, None, pd.NA: no dosage
     uniques = [(str(label_values[pair // len(dosage_texts)]), dosage_texts[pair % len(dosage_texts)]) for pair in pairs]
     if unique_combinations:
-        if any(dosage not in ("nan", "None", "") for _, dosage in uniques):
+        if any(dosage not in NO_DOSAGE for _, dosage in uniques):
             raise ValueError("Dosages cannot be combined with unique encoding of combinations.")
         parsed = [_unique_treatment(label, control_value, delimiter) for label, _ in uniques]
     else:
@@ -157,7 +199,7 @@ def _parse_label(label: str, dosage: str, control_value: str, delimiter: str) ->
             f"Perturbation label {label!r} has an empty perturbation name; labels look like "
             f"'A' or 'A{delimiter}B', and unperturbed cells are labelled {control_value!r}."
         )
-    if dosage in ("nan", "None", ""):
+    if dosage in NO_DOSAGE:
         values = [1.0] * len(names)
     else:
         parts = dosage.split(delimiter)
@@ -202,7 +244,8 @@ class PerturbationField(BaseAnnDataField):
     delimiter
         Separator of combinations.
     dosage_key
-        Optional column of ``adata.obs`` with per-perturbation dosages (``"1+0.5"``).
+        Optional column of ``adata.obs`` with per-perturbation dosages (``"1+0.5"``). Control cells need none;
+        a perturbed cell without one (NaN, None, pandas' NA or ``""``) raises a :class:`ValueError`.
     encode_combinations
         ``"additive"``: a combination's row is the sum of its perturbations' rows. ``"unique"``: every distinct
         label is its own treatment (one-hot design), as SVAE+ requires.
@@ -250,6 +293,8 @@ class PerturbationField(BaseAnnDataField):
             if key is not None and key not in adata.obs:
                 columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # not scvi-tools' own
                 raise KeyError(f"{key!r} is not a column of adata.obs; available columns: {columns}.")
+        # before any set or text operation on the labels: lists are unhashable and tuples lose their combination
+        check_text_labels(adata.obs[self.perturbation_key], f"adata.obs[{self.perturbation_key!r}]", self.delimiter)
 
     def _match_numeric_control(self, labels: pd.Series) -> None:
         """Write the control label as the labels do: ``control_value=0`` on labels ``0.0, 1.0, ...`` is ``"0.0"``."""
@@ -277,8 +322,26 @@ class PerturbationField(BaseAnnDataField):
             label_source=f"adata.obs[{self.perturbation_key!r}]",
             unique_combinations=self.encode_combinations == "unique",
         )
+        if dosages is not None and self.encode_combinations == "additive":
+            self._check_dosages_given(adata, design)
         adata.obsm[self.attr_key] = design
         return design, vocabulary
+
+    def _check_dosages_given(self, adata, design: sparse.csr_matrix) -> None:
+        """Raise when a perturbed cell has no dosage: the parser would read it as dosage 1 without a word."""
+        codes, values = pd.factorize(adata.obs[self.dosage_key])  # NaN, None and pandas' NA: code -1
+        blank = [code for code, value in enumerate(values) if str(value).strip() in NO_DOSAGE]
+        lacking = np.isin(codes, [-1, *blank]) & (design.getnnz(axis=1) > 0)
+        if not lacking.any():
+            return
+        first = int(np.flatnonzero(lacking)[0])
+        label = adata.obs[self.perturbation_key].iloc[first]
+        raise ValueError(
+            f"adata.obs[{self.dosage_key!r}] has no dosage for {int(lacking.sum())} perturbed cells (e.g. cell "
+            f"{adata.obs_names[first]!r}, labelled {label!r}); it would be read as dosage 1. Give every perturbed "
+            f"cell its dosages ('1', or '1{self.delimiter}0.5' for a combination) or drop those cells before setup; "
+            "control cells need none."
+        )
 
     def _check_control_spelling(self, adata) -> None:
         """Raise when labels differ from the control label only in spelling: they would become a perturbation."""
@@ -323,7 +386,15 @@ class PerturbationField(BaseAnnDataField):
                 f"adata.obs[{self.perturbation_key!r}] holds only the control label {self.control_value!r}; "
                 "SAMS-VAE needs perturbed cells."
             )
-        return self._state(adata, design, vocabulary)
+        state = self._state(adata, design, vocabulary)
+        if self.encode_combinations == "additive":  # unique encoding keeps "MYC_1" one treatment: nothing shared
+            message = guide_number_warning(
+                state["observed_labels"], self.control_value, self.delimiter, self.perturbation_key
+            )
+            if message is not None:
+                # the user's setup_anndata call, above setup_anndata, _register and scvi-tools' registration
+                warnings.warn(message, UserWarning, stacklevel=6)
+        return state
 
     def transfer_field(self, state_registry: dict, adata_target, **kwargs) -> dict:
         super().transfer_field(state_registry, adata_target, **kwargs)

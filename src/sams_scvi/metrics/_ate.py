@@ -10,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.metrics._utils import check_unique_names, obs_labels, unique_labels
 from sams_scvi.model._utils import _as_positions, _layer
 
 
@@ -50,11 +50,12 @@ def observed_ate(
     perturbation_key, control_value
         Label column and control label.
     perturbations
-        Labels to report; default, every non-control label.
+        Labels to report; default, every non-control label. A label listed twice is reported once.
     layer
         Layer holding the counts (default ``X``).
     indices
-        Cells to use (positions, a boolean mask or obs names); default, all cells.
+        Cells to use (positions, a boolean mask or obs names); default, all cells. Obs names need unique
+        ``adata.obs_names``.
     scale
         ``"log2"``: :math:`\\log_2(1 + 10^4 x / \\sum x)` (the paper's); ``"log1p"``: natural log; ``"none"``: the
         values as they are, for data that are already normalised (e.g. modelled with ``likelihood="normal"``).
@@ -80,7 +81,7 @@ def observed_ate(
         raise ValueError(f"No cells are labelled {control_value!r}; the ATE needs control cells.")
     if perturbations is None:
         perturbations = sorted(present - {control_value})
-    perturbations = [str(p) for p in perturbations]
+    perturbations = unique_labels(perturbations, as_text=True)
     missing = sorted(set(perturbations) - present)
     if missing:
         raise ValueError(f"No cells are labelled {missing[:10]}.")
@@ -120,9 +121,24 @@ def _as_frame(ate: AnnData | pd.DataFrame) -> pd.DataFrame:
 def _aligned(
     predicted: AnnData | pd.DataFrame, observed: AnnData | pd.DataFrame, perturbations: Sequence[str] | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Predicted and observed ATE matrices on shared perturbations (rows) and genes (columns)."""
+    """Predicted and observed ATE matrices on shared perturbations (rows) and genes (columns).
+
+    Rows and genes are matched by name, so a table with a repeated name raises; a repeat in ``perturbations`` is
+    dropped (first occurrence kept), as it would count one perturbation twice.
+    """
     pred, obs = _as_frame(predicted), _as_frame(observed)
-    rows = list(perturbations) if perturbations is not None else [p for p in obs.index if p in pred.index]
+    for table, which in ((pred, "predicted"), (obs, "observed")):
+        check_unique_names(
+            table.index,
+            f"The {which} ATE table's perturbations (rows)",
+            "each perturbation needs one row: keep one, e.g. table[~table.index.duplicated()].",
+        )
+        check_unique_names(
+            table.columns,
+            f"The {which} ATE table's genes (columns)",
+            "call adata.var_names_make_unique() on the data before computing ATEs.",
+        )
+    rows = unique_labels(perturbations) if perturbations is not None else [p for p in obs.index if p in pred.index]
     missing = [p for p in rows if p not in pred.index or p not in obs.index]
     if missing:
         raise ValueError(f"Perturbations missing from one of the tables: {missing[:10]}")
@@ -200,7 +216,8 @@ def ate_pearson(
     top_k
         Keep, for each perturbation, only the ``top_k`` genes with the largest observed ``|ATE|``.
     perturbations
-        Subset of perturbations; default, those in both tables.
+        Subset of perturbations; default, those in both tables. A label listed twice counts once. Tables with
+        repeated perturbations (rows) or genes (columns) raise a :class:`ValueError`.
     """
     pred, obs, _ = _aligned(predicted, observed, perturbations)
     if top_k is not None:
@@ -234,7 +251,8 @@ def ate_metrics(
     top_k
         Genes kept per perturbation for the top-k metrics.
     perturbations
-        Subset of perturbations; default, those in both tables.
+        Subset of perturbations; default, those in both tables. A label listed twice counts once. Tables with
+        repeated perturbations (rows) or genes (columns) raise a :class:`ValueError`.
 
     Returns
     -------
@@ -274,7 +292,8 @@ def ate_metrics_per_perturbation(
     top_k
         Genes kept per perturbation for the top-k metrics.
     perturbations
-        Subset of perturbations; default, those in both tables.
+        Subset of perturbations; default, those in both tables. A label listed twice counts once. Tables with
+        repeated perturbations (rows) or genes (columns) raise a :class:`ValueError`.
 
     Returns
     -------

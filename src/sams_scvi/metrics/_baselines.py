@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from sams_scvi.metrics._ate import observed_ate
 from sams_scvi.metrics._splits import _atoms
-from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.metrics._utils import obs_labels, unique_labels
 from sams_scvi.model._utils import _layer
 
 
@@ -39,11 +39,11 @@ def baseline_ate(
     kind
         The baseline.
     perturbations
-        Labels to predict (e.g. held-out combinations).
+        Labels to predict (e.g. held-out combinations); a label listed twice is predicted once.
     perturbation_key, control_value, delimiter
         How labels are written.
     indices
-        Cells the baseline may use; default, all.
+        Cells the baseline may use (positions, a boolean mask or obs names); default, all.
     layer, scale
         As in :func:`~sams_scvi.metrics.observed_ate`.
 
@@ -51,7 +51,7 @@ def baseline_ate(
     -------
     AnnData (perturbations x genes) like :meth:`sams_scvi.SAMSVAE.estimate_ate`.
     """
-    perturbations = [str(p) for p in perturbations]
+    perturbations = unique_labels(perturbations, as_text=True)
     if not perturbations:
         raise ValueError("`perturbations` is empty.")
     if kind == "control":

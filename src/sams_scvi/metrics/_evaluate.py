@@ -14,6 +14,7 @@ from sams_scvi.metrics._ate import ate_metrics, ate_metrics_per_perturbation, ob
 from sams_scvi.metrics._baselines import baseline_ate
 from sams_scvi.metrics._noise import random_halves
 from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.model._utils import _as_positions, _check_seed
 
 SUBSETS = ("train", "validation", "test", "all")
 
@@ -21,7 +22,7 @@ SUBSETS = ("train", "validation", "test", "all")
 def evaluate(
     predictor,
     adata: AnnData,
-    split: Sequence[Sequence[int]] | None = None,
+    split: Sequence[Sequence[int] | Sequence[bool] | Sequence[str]] | None = None,
     subsets: Sequence[str] = SUBSETS,
     perturbation_key: str = "perturbation",
     control_value: str = "control",
@@ -53,7 +54,8 @@ def evaluate(
     adata
         Raw counts with labels in ``obs[perturbation_key]``.
     split
-        ``[train, validation, test]`` cell positions, e.g. from :func:`~sams_scvi.metrics.combination_split`.
+        ``[train, validation, test]``, each as cell positions, a boolean mask or obs names (unique
+        ``adata.obs_names``), e.g. from :func:`~sams_scvi.metrics.combination_split`. A part may be empty.
         Default: the model's own split.
     subsets
         Rows to report; a requested subset without cells raises a :class:`ValueError`.
@@ -74,7 +76,7 @@ def evaluate(
         Scale of the data ATEs and baselines (see :func:`~sams_scvi.metrics.observed_ate`); default, the model's:
         ``"none"`` for ``likelihood="normal"``, else the paper's ``"log2"``.
     seed
-        Seed of the control halves.
+        Seed of the control halves (a non-negative integer).
     progress_bar
         Show a progress bar over subsets.
 
@@ -84,14 +86,17 @@ def evaluate(
     indexed by ``(subset, perturbation)`` with ``n_cells`` and the per-perturbation ATE metrics.
     """
     is_baseline = isinstance(predictor, str)
+    _check_seed(seed)
     labels = obs_labels(adata, perturbation_key)
     if split is None:
         if is_baseline:
             raise ValueError("A baseline needs `split` (its training cells).")
         split = [predictor.train_indices, predictor.validation_indices, predictor.test_indices]
     if len(split) != 3:
-        raise ValueError("`split` must be [train, validation, test] cell positions.")
-    cells = dict(zip(SUBSETS[:3], (np.asarray(s, dtype=int) for s in split), strict=True))
+        raise ValueError("`split` must be [train, validation, test]: positions, boolean masks or obs names.")
+    # each part may be empty (a split without validation cells); only scoring an empty subset is refused below
+    parts = [_split_part(adata, part, f"split[{i}]") for i, part in enumerate(split)]
+    cells = dict(zip(SUBSETS[:3], parts, strict=True))
     cells["all"] = np.unique(np.concatenate(list(cells.values())))
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
@@ -153,3 +158,16 @@ def evaluate(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "subset"
     return table
+
+
+def _split_part(adata: AnnData, part, name: str) -> np.ndarray:
+    """Positions of one part of a split: positions, a boolean mask or obs names; an empty part gives none.
+
+    ``_as_positions`` refuses a selection of no cells, but a split may have no validation cells.
+    """
+    if part is None:
+        raise ValueError(f"`{name}` is None; give each part of the split as cells (or an empty list).")
+    values = np.asarray(list(part) if isinstance(part, pd.Index | pd.Series) else part)
+    if values.size == 0 or (values.dtype == bool and values.shape == (adata.n_obs,) and not values.any()):
+        return np.array([], dtype=np.int64)
+    return _as_positions(adata, part, name=name)

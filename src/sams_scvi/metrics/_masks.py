@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from sams_scvi.metrics._utils import check_unique_names
+
 
 def mask_recovery(
     learned: pd.DataFrame | np.ndarray, true: pd.DataFrame | np.ndarray, threshold: float = 0.5
@@ -22,7 +24,7 @@ def mask_recovery(
     learned
         Perturbations x learned dimensions: mask probabilities or 0/1 (e.g.
         :meth:`sams_scvi.SAMSVAE.get_mask_probabilities`). Rows are matched to ``true`` by name if both are
-        DataFrames.
+        DataFrames, which then must not repeat a perturbation.
     true
         Perturbations x true dimensions, 0/1.
     threshold
@@ -33,6 +35,8 @@ def mask_recovery(
     ``precision``, ``recall``, ``f1``, ``learned_active_fraction`` and ``true_active_fraction``.
     """
     if isinstance(learned, pd.DataFrame) and isinstance(true, pd.DataFrame):
+        for table, which in ((learned, "learned"), (true, "true")):
+            check_unique_names(table.index, f"The {which} masks' perturbations (rows)", "give each one row.")
         missing = true.index.difference(learned.index)
         if len(missing):
             raise ValueError(f"Perturbations missing from the learned masks: {list(missing[:10])}")

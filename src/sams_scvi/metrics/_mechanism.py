@@ -11,13 +11,15 @@ import pandas as pd
 from anndata import AnnData
 
 from sams_scvi.metrics._ate import _slope, _slope_rows, observed_ate
+from sams_scvi.metrics._utils import check_unique_names, unique_labels
+from sams_scvi.model._utils import _as_positions, _check_seed
 
 STAGES = ("fitted", "counterfactual", "ate_control", "ate")
 
 
 def effect_decomposition(
     model,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | Sequence[bool] | Sequence[str] | None = None,
     perturbations: Sequence[str] | None = None,
     min_cells: int = 10,
     top_k: int = 20,
@@ -62,10 +64,11 @@ def effect_decomposition(
     model
         A trained :class:`~sams_scvi.SAMSVAE` (or comparison model with a latent shift).
     indices
-        Cells (positions in the model's AnnData) whose observed effects are the reference, e.g. held-out test
-        cells. Default: all cells.
+        Cells of the model's AnnData whose observed effects are the reference, e.g. held-out test cells: positions,
+        a boolean mask or obs names (unique ``obs_names``); a cell listed twice counts once. Default: all cells.
     perturbations
         Labels to report; default, every non-control label with at least ``min_cells`` cells among ``indices``.
+        A label listed twice is reported once.
     min_cells
         Fewest cells of a label among ``indices`` for the default ``perturbations``.
     top_k
@@ -75,7 +78,7 @@ def effect_decomposition(
     library_size
         Library of the ``estimate_ate`` stages (``"median"``: the data's median, on the data's footing).
     seed
-        Seed of every sampling step.
+        Seed of every sampling step (a non-negative integer).
 
     Returns
     -------
@@ -86,15 +89,21 @@ def effect_decomposition(
         raise ValueError("The model has no registered AnnData; load it with the data to decompose its effects.")
     if not model.module.mechanism.has_shift:
         raise ValueError(f"{model._display_name} has no latent shift to decompose.")
+    _check_seed(seed)
     adata = model.adata
+    # every stage's table is matched to the observed one by gene name
+    check_unique_names(
+        adata.var_names, "The model's genes", "call adata.var_names_make_unique() before setup_anndata and train again."
+    )
     setup = model.registry_["setup_args"]
     key, control = setup["perturbation_key"], setup.get("control_value", "control")
-    indices = np.arange(adata.n_obs) if indices is None else np.sort(np.asarray(indices))
+    indices = _as_positions(adata, indices)
+    indices = np.arange(adata.n_obs) if indices is None else np.unique(indices)  # sorted, each cell once
     labels = adata.obs[key].astype(str).str.strip().to_numpy()[indices]
     if perturbations is None:
         counts = pd.Series(labels).value_counts()
         perturbations = sorted(p for p, n in counts.items() if p != control and n >= min_cells)
-    perturbations = [str(p) for p in perturbations]
+    perturbations = unique_labels(perturbations, as_text=True)
     if not perturbations:
         raise ValueError(f"No perturbation has at least {min_cells} cells among `indices`.")
     controls = indices[labels == control]

@@ -9,11 +9,13 @@ import pandas as pd
 from anndata import AnnData
 
 from sams_scvi.metrics._ate import ate_metrics, observed_ate
-from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.metrics._utils import obs_labels, unique_labels
+from sams_scvi.model._utils import _as_positions, _check_seed
 
 
 def random_halves(cells: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split cell positions into two disjoint random halves (sorted)."""
+    """Split cell positions into two disjoint random halves (sorted); ``seed`` is a non-negative integer."""
+    _check_seed(seed)
     shuffled = np.random.default_rng(seed).permutation(np.asarray(cells))
     half = len(shuffled) // 2
     return np.sort(shuffled[:half]), np.sort(shuffled[half:])
@@ -46,7 +48,7 @@ def split_half_ceiling(
     perturbation_key: str = "perturbation",
     control_value: str = "control",
     top_k: int = 20,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | Sequence[bool] | Sequence[str] | None = None,
     seed: int = 0,
 ) -> pd.Series:
     """Agreement between the data ATEs of two disjoint halves of the cells: a noise ceiling for every metric.
@@ -62,21 +64,25 @@ def split_half_ceiling(
     adata
         Raw counts with labels in ``obs[perturbation_key]``.
     perturbations
-        Labels to score; default, every non-control label with at least 2 cells.
+        Labels to score; default, every non-control label with at least 2 cells. A label listed twice counts once.
     perturbation_key, control_value
         How labels are written.
     top_k
         Genes per perturbation of the top-k metrics.
     indices
-        Cells to use; default, all.
+        Cells to use: positions, a boolean mask or obs names (unique ``adata.obs_names``); default, all. A cell
+        listed twice is used once (it would otherwise be able to land in both halves).
     seed
-        Seed of the halves.
+        Seed of the halves (a non-negative integer).
     """
+    _check_seed(seed)
     labels = obs_labels(adata, perturbation_key)
-    cells = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    cells = _as_positions(adata, indices)
+    cells = np.arange(adata.n_obs) if cells is None else np.unique(cells)  # a cell drawn twice is one cell
     counts = pd.Series(labels[cells]).value_counts()
     if perturbations is None:
         perturbations = sorted(p for p, n in counts.items() if p != control_value and n >= 2)
+    perturbations = unique_labels(perturbations, as_text=True)
     too_few = [p for p in [control_value, *perturbations] if counts.get(p, 0) < 2]
     if too_few:
         raise ValueError(f"Split halves need at least 2 cells per label; too few for {too_few[:10]}.")

@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.model._utils import _check_seed
 
 
 def _atoms(label: str, control_value: str, delimiter: str) -> list[str]:
@@ -55,13 +56,14 @@ def combination_split(
     test_fraction, val_fraction, combination_test_fraction
         Partition sizes (the paper's 0.2, 0.2 and 0.25).
     seed
-        Seed of the partition and of the order of combinations.
+        Seed of the partition and of the order of combinations (a non-negative integer).
 
     Returns
     -------
     ``[train, validation, test]`` arrays of cell positions, usable as
     ``datasplitter_kwargs={"external_indexing": ...}`` in :meth:`sams_scvi.SAMSVAE.train`.
     """
+    _check_seed(seed)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError("`fraction` must be in [0, 1].")
     if mode not in ("ood", "data_efficiency"):

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scvi
 from anndata import AnnData
 from scipy import stats
 from scvi.utils import track
+
+from ._utils import _as_positions, _check_number, _check_seed, _scvi_seed
 
 
 def bootstrap_models(
@@ -18,7 +19,7 @@ def bootstrap_models(
     model_cls: type | None = None,
     model_kwargs: dict | None = None,
     train_kwargs: dict | None = None,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | Sequence[bool] | Sequence[str] | None = None,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> list:
@@ -39,9 +40,10 @@ def bootstrap_models(
     model_kwargs, train_kwargs
         Arguments of the model and of its ``train``; ``datasplitter_kwargs`` is set here (no validation cells).
     indices
-        Cells to resample from (default: all).
+        Cells to resample from: positions, a boolean mask or obs names (default: all).
     seed
-        Seed of the resampling; model ``b`` trains with ``scvi.settings.seed = seed + b``.
+        Seed of the resampling (a non-negative integer); model ``b`` trains with ``scvi.settings.seed = seed + b``.
+        ``scvi.settings.seed`` and the global random states are as before the call afterwards, also after an error.
     progress_bar
         Show a progress bar over the models.
 
@@ -54,14 +56,14 @@ def bootstrap_models(
     model_cls = SAMSVAE if model_cls is None else model_cls
     if isinstance(n_models, bool) or not isinstance(n_models, int | np.integer) or n_models < 2:
         raise ValueError("`n_models` must be an integer of at least 2: the spread needs two models.")
+    _check_seed(seed)
     train_kwargs = dict(train_kwargs or {})
     if "datasplitter_kwargs" in train_kwargs:
         raise ValueError("bootstrap_models sets `datasplitter_kwargs` itself; pass `indices` to choose the cells.")
     manager = model_cls._get_most_recent_anndata_manager(adata, required=True)
     labels = adata.obs[manager.registry["setup_args"]["perturbation_key"]].astype(str).to_numpy()
-    cells = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    if cells.dtype == bool:
-        cells = np.flatnonzero(cells)
+    cells = _as_positions(adata, indices, name="indices")
+    cells = np.arange(adata.n_obs) if cells is None else cells
     rng = np.random.default_rng(seed)
     empty = np.array([], dtype=np.int64)
     models = []
@@ -69,9 +71,9 @@ def bootstrap_models(
         resample = np.concatenate(
             [rng.choice(group, size=len(group), replace=True) for group in _groups(cells, labels[cells])]
         )
-        scvi.settings.seed = seed + b
-        model = model_cls(adata, **(model_kwargs or {}))
-        model.train(datasplitter_kwargs={"external_indexing": [np.sort(resample), empty, empty]}, **train_kwargs)
+        with _scvi_seed(int(seed) + b):  # the caller's seed and random states return afterwards, also on errors
+            model = model_cls(adata, **(model_kwargs or {}))
+            model.train(datasplitter_kwargs={"external_indexing": [np.sort(resample), empty, empty]}, **train_kwargs)
         models.append(model)
     return models
 
@@ -95,11 +97,13 @@ def ensemble_ate(
     Parameters
     ----------
     models
-        Trained models on the same genes (e.g. from :func:`bootstrap_models`).
+        Trained models with the same likelihood, perturbations and genes (e.g. from :func:`bootstrap_models`);
+        otherwise a :class:`ValueError` names what differs (ATEs of the negative binomial are log2 fold changes,
+        those of ``likelihood="normal"`` differences on the data's scale: they cannot be pooled).
     perturbations
         Labels to evaluate; default, the first model's observed labels.
     credible_level
-        Probability of the intervals, in (0, 1).
+        Probability of the intervals, a number in (0, 1).
     progress_bar
         Show a progress bar over the models.
     **kwargs
@@ -152,9 +156,11 @@ def ensemble_screen(
 
     The pairs' ATEs and their non-additivity are averaged over the models, and their intervals combine each model's
     posterior variance with the variance between models (Rubin's rules, Student t with m - 1 degrees of freedom).
-    Default pairs: the first model's (pairs seen in training but never together). ``**kwargs`` go to
-    ``screen_combinations`` (``n_samples``, ``library_size``, ``basal``, ...). Returns the same AnnData, ranked by
-    ``rank_by``, with ``posterior_sd`` and ``non_additivity_posterior_sd`` holding the total sd.
+    The models must share their likelihood, perturbations and genes, as in :func:`ensemble_ate`, and
+    ``credible_level`` is a number in (0, 1). Default pairs: the first model's (pairs seen in training but never
+    together). ``**kwargs`` go to ``screen_combinations`` (``n_samples``, ``library_size``, ``basal``, ...). Returns
+    the same AnnData, ranked by ``rank_by``, with ``posterior_sd`` and ``non_additivity_posterior_sd`` holding the
+    total sd.
     """
     from ._prediction import check_rank_by, screen_table
 
@@ -190,13 +196,52 @@ def ensemble_screen(
 
 
 def _check_ensemble(models: Sequence, credible_level: float) -> None:
+    """Raise unless the models' ATEs can be pooled: same likelihood (scale), perturbations and genes."""
     if len(models) < 2:
         raise ValueError("An ensemble needs at least two models.")
+    _check_number("credible_level", credible_level)
     if not 0 < credible_level < 1:
         raise ValueError("`credible_level` must lie strictly between 0 and 1, e.g. 0.9.")
-    genes = models[0]._gene_names
-    if any(not model._gene_names.equals(genes) for model in models[1:]):
-        raise ValueError("The models were trained on different genes; an ensemble needs the same genes in order.")
+    first = models[0]
+    for i, model in enumerate(models[1:], start=1):
+        likelihoods = (_likelihood(first), _likelihood(model))
+        if likelihoods[0] != likelihoods[1]:
+            raise ValueError(
+                f"models[0] has likelihood {likelihoods[0]!r} but models[{i}] {likelihoods[1]!r}: their ATEs are on "
+                "different scales (log2 fold changes for 'nb', differences on the data's scale for 'normal') and "
+                "cannot be pooled. Build the ensemble from models with one likelihood."
+            )
+        if model.perturbations != first.perturbations:
+            only_first = sorted(set(first.perturbations) - set(model.perturbations))
+            only_other = sorted(set(model.perturbations) - set(first.perturbations))
+            differs = (
+                f"only models[0] has {only_first[:5]}, only models[{i}] has {only_other[:5]}"
+                if only_first or only_other
+                else "the same perturbations in another order"
+            )
+            raise ValueError(
+                f"models[0] and models[{i}] know different perturbations ({differs}); an ensemble needs models set "
+                "up on the same perturbation labels, e.g. from bootstrap_models on one AnnData."
+            )
+        genes, other = first._gene_names, model._gene_names
+        if not other.equals(genes):
+            missing, extra = genes.difference(other), other.difference(genes)
+            differs = (
+                f"models[{i}] lacks {list(missing[:5])}"
+                if len(missing)
+                else f"models[{i}] also has {list(extra[:5])}"
+                if len(extra)
+                else "the same genes in another order"
+            )
+            raise ValueError(
+                f"models[0] and models[{i}] were trained on different genes ({differs}); an ensemble needs the same "
+                "genes in the same order."
+            )
+
+
+def _likelihood(model) -> str:
+    """The model's likelihood; modules without the attribute are negative binomial, as the ATE code assumes."""
+    return getattr(model.module, "likelihood", "nb")
 
 
 def _rubin(values: list, posterior_sd: list, mc_se: list) -> dict[str, np.ndarray]:
