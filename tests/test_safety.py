@@ -72,19 +72,21 @@ def test_every_loading_entry_point_refuses_a_hostile_model_file(hostile_folder, 
         "view_setup_args": lambda: sams_scvi.SAMSVAE.view_setup_args(folder),
     }
     for name, call in calls.items():
-        with pytest.raises(UnsafeModelFileError, match="which a saved model never holds"):
+        with pytest.raises(UnsafeModelFileError, match="never holds"):
             call()
         assert not marker.exists(), name
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
-def test_scvi_tools_reader_is_restored_after_loading(hostile_folder):
+def test_other_scvi_tools_loads_keep_scvi_tools_reader(hostile_folder, trained, tmp_path):
+    """Only sams_scvi's own loads (in their thread) use the weights-only reader; other calls reach scvi-tools'."""
     from scvi.model.base import _base_model
 
-    original = _base_model._load_saved_files
     with pytest.raises(UnsafeModelFileError):
         sams_scvi.SAMSVAE.load(hostile_folder[0])
-    assert _base_model._load_saved_files is original
+    legacy = _legacy_folder(trained, tmp_path / "legacy")
+    attr_dict, var_names, _, _ = _base_model._load_saved_files(str(legacy), False)
+    assert list(var_names) == list(trained.adata.var_names)
 
 
 @pytest.mark.parametrize("verb", ["predict", "evaluate", "screen"])
@@ -102,32 +104,55 @@ def test_cli_refuses_a_hostile_model_folder(hostile_folder, tmp_path, capsys, ve
     assert not output.exists()
 
 
-def test_a_saved_model_holds_only_data_types(trained, tmp_path):
-    """The training history is stored as arrays, so the file needs no pandas type to be trusted."""
+def _legacy_folder(model, folder: pathlib.Path) -> pathlib.Path:
+    """A folder as sams-scvi 0.2 saved it: numpy arrays, a defaultdict and DataFrames pickled in model.pt."""
+    from sams_scvi.model._model_file import decode
+
+    model.save(folder, save_anndata=True)
+    content = decode(torch.load(folder / "model.pt", weights_only=True))
+    torch.save(content, folder / "model.pt")
+    return folder
+
+
+def test_a_saved_model_holds_only_tensors_and_plain_data(trained, tmp_path):
     trained.save(tmp_path / "m")
-    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt")) <= {
-        "builtins.dict",
-        "builtins.bytes",
-        "collections.defaultdict",
-        "numpy.dtype",
-        "numpy.ndarray",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray._reconstruct",
-    }
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
     loaded = sams_scvi.SAMSVAE.load(tmp_path / "m", adata=trained.adata.copy())
     for name, frame in trained.history.items():
         pd.testing.assert_frame_equal(loaded.history[name], frame, check_dtype=False, check_index_type=False)
+    np.testing.assert_array_equal(loaded.train_indices, trained.train_indices)
+    registry = loaded.registry_["field_registries"]
+    assert registry["X"]["state_registry"]["column_names"].tolist() == trained.adata.var_names.tolist()
 
 
-def test_a_model_saved_with_its_history_as_dataframes_still_loads(trained, tmp_path):
-    """Folders written by earlier versions hold the history as pandas DataFrames."""
-    folder = tmp_path / "old"
-    trained.save(folder)
-    content = torch.load(folder / "model.pt", weights_only=False)
-    content["attr_dict"]["history_"] = dict(trained.history)
-    torch.save(content, folder / "model.pt")
-    loaded = sams_scvi.SAMSVAE.load(folder, adata=trained.adata.copy())
-    pd.testing.assert_frame_equal(loaded.history["elbo_train"], trained.history["elbo_train"])
+def test_a_folder_of_an_earlier_version_is_converted_only_when_its_source_is_trusted(trained, tmp_path):
+    legacy = _legacy_folder(trained, tmp_path / "legacy")
+    with pytest.raises(UnsafeModelFileError, match="convert_legacy_save"):
+        sams_scvi.SAMSVAE.load(legacy)
+    with pytest.raises(ValueError, match="trust_source=True"):
+        sams_scvi.SAMSVAE.convert_legacy_save(legacy, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    sams_scvi.SAMSVAE.convert_legacy_save(legacy, tmp_path / "new", trust_source=True)
+    loaded = sams_scvi.SAMSVAE.load(tmp_path / "new")
+    pd.testing.assert_frame_equal(loaded.history["elbo_train"], trained.history["elbo_train"], check_dtype=False)
+    np.testing.assert_allclose(loaded.get_latent(), trained.get_latent(), atol=1e-5)
+
+
+def test_old_tar_format_files_are_refused_without_being_unpacked(tmp_path):
+    folder = tmp_path / "tar"
+    folder.mkdir()
+    import tarfile
+
+    with tarfile.open(folder / "model.pt", "w") as archive:
+        victim = tmp_path / "victim.txt"
+        victim.write_text("secret")
+        victim.chmod(0o600)
+        member = tarfile.TarInfo("storages")
+        member.type, member.linkname, member.mode = tarfile.LNKTYPE, str(victim), 0o777
+        archive.addfile(member)
+    with pytest.raises(ValueError, match="not a zip archive"):
+        sams_scvi.SAMSVAE.load_registry(folder)
+    assert victim.stat().st_mode & 0o777 == 0o600
 
 
 def test_damaged_and_empty_model_files_are_named(tmp_path):
@@ -236,7 +261,7 @@ def test_cli_evaluate_finds_the_split_cells_by_name_in_reordered_data(tmp_path, 
     missing.write_h5ad(tmp_path / "missing.h5ad")
     argv = ["evaluate", str(model_dir), "--adata", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "x.csv")]
     assert main(argv) == 1
-    assert "lacks 5 of the" in capsys.readouterr().err
+    assert "are not obs names" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- calls leave the process and the data as they were
@@ -333,10 +358,18 @@ def _fresh_model(n_latent: int = 4):
 
 def test_resume_names_the_settings_that_differ(tmp_path):
     _fresh_model().train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN_KW)
-    with pytest.raises(ValueError, match=r"lr: 0.001 in the checkpoint, 0.01 now"):
+    with pytest.raises(ValueError, match=r"plan_kwargs.lr: 0.001 in the checkpoint, 0.01 now\)"):
         _fresh_model().train(max_epochs=3, lr=1e-2, checkpoint_dir=tmp_path, resume=True, **TRAIN_KW)
     with pytest.raises(ValueError, match="n_latent"):
         _fresh_model(n_latent=5).train(max_epochs=3, checkpoint_dir=tmp_path, resume=True, **TRAIN_KW)
+    other_seed = _fresh_model()
+    scvi.settings.seed = 1  # would draw another train/validation split
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.train(max_epochs=3, checkpoint_dir=tmp_path, resume=True, **TRAIN_KW)
+    shuffled = _fresh_model()
+    shuffled.adata.obs_names = shuffled.adata.obs_names[::-1]
+    with pytest.raises(ValueError, match="cells"):
+        shuffled.train(max_epochs=3, checkpoint_dir=tmp_path, resume=True, **TRAIN_KW)
     # more epochs with the same settings is what resuming is for
     _fresh_model().train(max_epochs=3, checkpoint_dir=tmp_path, resume=True, **TRAIN_KW)
 
@@ -386,14 +419,14 @@ def test_seeded_helpers_restore_the_callers_seed_and_random_state():
 
     scvi.settings.seed = 5
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
-    xla = os.environ.get("XLA_FLAGS")
+    environment = dict(os.environ)
     with _scvi_seed(1):
         assert scvi.settings.seed == 1
         torch.rand(3), np.random.rand(3)
     assert scvi.settings.seed == 5
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], numpy_state[1])
-    assert os.environ.get("XLA_FLAGS") == xla
+    assert dict(os.environ) == environment
 
 
 @pytest.mark.parametrize("seed", ["abc", 1.5, -1])
@@ -402,3 +435,128 @@ def test_seeds_of_the_wrong_type_are_named(trained, seed):
         trained.estimate_ate(n_samples=20, seed=seed, progress_bar=False)
     with pytest.raises((TypeError, ValueError), match="`seed` must be"):
         trained.get_elbo(seed=seed)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda attrs: attrs.__setitem__("to_device", "x"),  # would replace a method of the loaded model
+        lambda attrs: attrs["registry_"].__setitem__("setup_method_name", "save"),  # would pick the method to run
+    ],
+)
+def test_model_files_may_only_set_saved_attributes(trained, tmp_path, change):
+    folder = tmp_path / "m"
+    trained.save(folder)
+    content = torch.load(folder / "model.pt", weights_only=False)
+    change(content["attr_dict"])
+    torch.save(content, folder / "model.pt")
+    with pytest.raises(UnsafeModelFileError, match="never writes|setup method"):
+        sams_scvi.SAMSVAE.load(folder, adata=trained.adata.copy())
+
+
+def _process_state() -> dict:
+    import logging
+    import random
+    import warnings
+
+    return {
+        "scvi seed": scvi.settings.seed,
+        "threads": torch.get_num_threads(),
+        "denormals flushed": _flushing_denormals(),
+        "log levels": {name: logging.getLogger(name).level for name in ("scvi", "lightning.pytorch", "sams_scvi")},
+        "warning filters": len(warnings.filters),
+        "environment": dict(os.environ),
+        "python random": random.getstate(),
+    }
+
+
+def test_training_and_reading_leave_the_process_as_they_found_it(trained):
+    model = _fresh_model()
+    before = _process_state()
+    model.train(max_epochs=1, **TRAIN_KW)
+    assert _process_state() == before
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    model.estimate_ate(n_samples=20, progress_bar=False)
+    model.get_mechanisms(n_samples=20)
+    model.get_elbo()
+    assert _process_state() == before
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+
+
+@pytest.mark.parametrize("taken", ["adata.h5ad as a folder", "model.pt as a folder", "a user's adata.h5ad"])
+@pytest.mark.parametrize("save_anndata", [True, False])
+def test_saving_refuses_names_it_did_not_write(trained, tmp_path, taken, save_anndata):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if taken == "a user's adata.h5ad":
+        (folder / "adata.h5ad").write_bytes(b"the user's own")
+    else:
+        (folder / taken.split()[0]).mkdir()
+        (folder / taken.split()[0] / "inside").write_bytes(b"keep")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    with pytest.raises(ValueError, match="(?i)move it"):
+        trained.save(folder, overwrite=True, save_anndata=save_anndata)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_replacement_puts_the_previous_model_back(trained, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    trained.save(folder, save_anndata=True)
+    previous = (folder / "model.pt").read_bytes()
+    real_replace = os.replace
+
+    def fail_on_data(source, target):
+        if str(target).endswith("adata.h5ad"):
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_on_data)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save(folder, overwrite=True, save_anndata=True)
+    monkeypatch.undo()
+    assert (folder / "model.pt").read_bytes() == previous
+
+
+def test_a_new_model_folder_gets_the_permissions_of_the_users_umask(trained, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        trained.save(tmp_path / "m")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
+def test_repeated_reads_of_unset_data_do_not_pile_up_registrations(trained):
+    other = trained.adata.copy()
+    other.uns.clear()
+    store = trained._per_instance_manager_store[trained.id]
+    trained.get_latent(adata=other)
+    size = len(store)
+    for _ in range(3):
+        trained.get_latent(adata=other)
+    assert len(store) == size
+
+
+def test_masks_as_series_are_aligned_by_cell_name_and_small_int_positions_work(trained):
+    adata = trained.adata
+    mask = adata.obs["perturbation"].astype(str) == "p0"
+    shuffled = mask.sample(frac=1.0, random_state=0)
+    np.testing.assert_array_equal(trained.get_latent(indices=shuffled), trained.get_latent(indices=mask.to_numpy()))
+    positions = np.array([0, 5, -1], dtype=np.int8)
+    np.testing.assert_array_equal(
+        trained.get_latent(indices=positions), trained.get_latent(indices=[0, 5, adata.n_obs - 1])
+    )
+
+
+def test_evaluate_finds_the_models_split_by_name_in_other_data(trained):
+    adata = trained.adata
+    shuffled = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()
+    kwargs = {"subsets": ["train"], "n_ate_samples": 50, "n_iwelbo_samples": 2, "progress_bar": False}
+    mine = sams_scvi.metrics.evaluate(trained, adata, **kwargs)
+    theirs = sams_scvi.metrics.evaluate(trained, shuffled, **kwargs)
+    assert mine.loc["train", "n_cells"] == theirs.loc["train", "n_cells"]
+    np.testing.assert_allclose(mine.loc["train", "pearson"], theirs.loc["train", "pearson"], rtol=1e-6)
+    with pytest.raises(ValueError, match="not obs names"):
+        sams_scvi.metrics.evaluate(trained, shuffled[5:].copy(), **kwargs)

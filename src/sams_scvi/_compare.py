@@ -6,14 +6,13 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scvi.utils import track
 
 from .metrics import evaluate
 from .model import CPAVAE, SAMSVAE, BasePerturbationModel, ConditionalVAE, SVAEPlus
-from .model._utils import _scvi_seed
+from .model._utils import _as_positions, _scvi_seed
 
 ModelSpec = tuple[type[BasePerturbationModel], dict, dict]
 
@@ -65,7 +64,7 @@ def compare_models(
     adata
         Raw counts with labels in ``obs[perturbation_key]``.
     split
-        ``[train, validation, test]`` cell positions, e.g. from :func:`~sams_scvi.metrics.combination_split`.
+        ``[train, validation, test]`` cells (positions, boolean masks or obs names), e.g. from :func:`~sams_scvi.metrics.combination_split`.
     models
         ``{name: (model class, model kwargs, setup_anndata kwargs)}``; default :func:`paper_models`.
     perturbation_key, control_value, delimiter
@@ -91,8 +90,9 @@ def compare_models(
     other metrics of :func:`~sams_scvi.metrics.evaluate`, and ``train_seconds``.
     """
     models = paper_models() if models is None else models
-    if len(split) != 3:
-        raise ValueError("`split` must be [train, validation, test] cell positions.")
+    if len(split) != 3 or any(part is None for part in split):
+        raise ValueError("`split` must be [train, validation, test]: positions, boolean masks or obs names.")
+    split = [_as_positions(adata, part, f"split[{i}]", allow_empty=True) for i, part in enumerate(split)]
     train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}
     label_kwargs = {"perturbation_key": perturbation_key, "control_value": control_value, "delimiter": delimiter}
     eval_kwargs = {
@@ -117,7 +117,7 @@ def compare_models(
             start = time.perf_counter()
             model.train(
                 max_epochs=max_epochs,
-                datasplitter_kwargs={"external_indexing": [np.asarray(s, dtype=int) for s in split]},
+                datasplitter_kwargs={"external_indexing": split},
                 **train_kwargs,
             )
             seconds = time.perf_counter() - start

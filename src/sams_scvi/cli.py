@@ -14,7 +14,6 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 # Exceptions that, raised while running a verb, mean "the input or the arguments are wrong" rather than "the
@@ -283,9 +282,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .metrics import evaluate
 
     adata = model.adata if args.adata is None else _read_h5ad(args.adata, "--adata")
-    split = [model.train_indices, model.validation_indices, model.test_indices]
-    if args.adata is not None:
-        split = _split_for(adata, model.adata, split)
+    # the model's split by cell name: --adata may hold the training cells in another order
+    names = model.adata.obs_names.to_numpy()
+    split = [names[cells] for cells in (model.train_indices, model.validation_indices, model.test_indices)]
     subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
     tables = {
         "SAMS-VAE": evaluate(
@@ -306,24 +305,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     table.to_csv(args.output)
     print(table.round(3).to_string())
     print(f"Wrote {args.output}")
-
-
-def _split_for(adata, saved, split: list) -> list:
-    """The saved model's train / validation / test cells as positions in ``adata``, found by cell name.
-
-    The split is stored as positions in the saved data; ``--adata`` may hold the same cells in another order.
-    """
-    names = pd.Index(adata.obs_names)
-    if not names.is_unique:
-        raise CLIError("--adata has repeated cell names; call adata.obs_names_make_unique() and save it again")
-    saved_names = pd.Index(saved.obs_names)
-    missing = saved_names.difference(names)
-    if len(missing):
-        raise CLIError(
-            f"--adata lacks {len(missing)} of the {len(saved_names)} cells the model was trained and split on "
-            f"(e.g. {list(missing[:3])}); give the data the model was trained on (the model folder's adata.h5ad)"
-        )
-    return [names.get_indexer(saved_names[np.asarray(cells, dtype=np.int64)]) for cells in split]
 
 
 def _screen(args: argparse.Namespace) -> None:

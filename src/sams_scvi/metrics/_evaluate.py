@@ -91,11 +91,13 @@ def evaluate(
     if split is None:
         if is_baseline:
             raise ValueError("A baseline needs `split` (its training cells).")
-        split = [predictor.train_indices, predictor.validation_indices, predictor.test_indices]
+        split = _model_split(predictor, adata)
     if len(split) != 3:
         raise ValueError("`split` must be [train, validation, test]: positions, boolean masks or obs names.")
+    if any(part is None for part in split):
+        raise ValueError("Each part of `split` must be cells (or an empty list), not None.")
     # each part may be empty (a split without validation cells); only scoring an empty subset is refused below
-    parts = [_split_part(adata, part, f"split[{i}]") for i, part in enumerate(split)]
+    parts = [_as_positions(adata, part, f"split[{i}]", allow_empty=True) for i, part in enumerate(split)]
     cells = dict(zip(SUBSETS[:3], parts, strict=True))
     cells["all"] = np.unique(np.concatenate(list(cells.values())))
     unknown = [s for s in subsets if s not in SUBSETS]
@@ -160,14 +162,14 @@ def evaluate(
     return table
 
 
-def _split_part(adata: AnnData, part, name: str) -> np.ndarray:
-    """Positions of one part of a split: positions, a boolean mask or obs names; an empty part gives none.
+def _model_split(model, adata: AnnData) -> list:
+    """The model's train / validation / test cells: positions in its own data, obs names for any other ``adata``.
 
-    ``_as_positions`` refuses a selection of no cells, but a split may have no validation cells.
+    The split is stored as positions in the data the model was trained on; another AnnData may hold those cells in
+    another order, so they are found there by name (a missing cell is then an error, not a wrong cell).
     """
-    if part is None:
-        raise ValueError(f"`{name}` is None; give each part of the split as cells (or an empty list).")
-    values = np.asarray(list(part) if isinstance(part, pd.Index | pd.Series) else part)
-    if values.size == 0 or (values.dtype == bool and values.shape == (adata.n_obs,) and not values.any()):
-        return np.array([], dtype=np.int64)
-    return _as_positions(adata, part, name=name)
+    split = [model.train_indices, model.validation_indices, model.test_indices]
+    if model.adata is None or adata is model.adata:
+        return split
+    names = np.asarray(model.adata.obs_names)
+    return [names[np.asarray(part, dtype=np.int64)] for part in split]

@@ -2,8 +2,8 @@
 
 from ._base import BasePerturbationModel, default_max_epochs
 from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
+from ._model_file import UnsafeModelFileError
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
-from ._persistence import UnsafeModelFileError
 from ._training_plan import SAMSTrainingPlan
 
 __all__ = [

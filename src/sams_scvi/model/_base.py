@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 from anndata import AnnData
 from scipy import sparse
@@ -42,14 +44,8 @@ from ._cpu_memory import flush_denormals, reuse_freed_memory
 from ._data_splitter import SAMSDataSplitter
 from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
-from ._persistence import (
-    check_model_folder,
-    history_from_arrays,
-    history_to_arrays,
-    safe_model_loading,
-    save_atomically,
-)
 from ._prediction import PredictionMixin
+from ._save_load import SaveLoadMixin
 from ._training_plan import SAMSTrainingPlan
 from ._utils import (
     _as_positions,
@@ -104,7 +100,7 @@ def _registration_copy(adata: AnnData) -> AnnData:
     scvi-tools' registration writes into these, so a reading method given data that was never set up leaves it as
     it was; the expression matrices, the large part, are shared rather than copied.
     """
-    return AnnData(
+    copy = AnnData(
         X=adata.X,
         obs=adata.obs.copy(),
         var=adata.var.copy(),
@@ -112,6 +108,8 @@ def _registration_copy(adata: AnnData) -> AnnData:
         obsm=dict(adata.obsm.items()),
         uns={key: value for key, value in adata.uns.items() if not str(key).startswith("_scvi")},
     )
+    _assign_adata_uuid(copy)
+    return copy
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -120,7 +118,13 @@ def default_max_epochs(n_cells: int) -> int:
 
 
 class BasePerturbationModel(
-    MechanismMixin, PredictionMixin, ExpressionMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass
+    SaveLoadMixin,
+    MechanismMixin,
+    PredictionMixin,
+    ExpressionMixin,
+    VAEMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
 ):
     """What SAMS-VAE and its comparison models share: registration, training recipe, predictions, metrics.
 
@@ -421,7 +425,7 @@ class BasePerturbationModel(
         checkpoint = None
         if checkpoint_dir is not None:
             _check_positive("checkpoint_every_n_epochs", checkpoint_every_n_epochs, integer=True)
-            settings = self._run_settings(lr, batch_size, train_size, validation_size, plan_kwargs)
+            settings = self._run_settings(batch_size, train_size, validation_size, plan_kwargs, datasplitter_kwargs)
             checkpoint = ResumableCheckpoint(checkpoint_dir, int(checkpoint_every_n_epochs), settings)
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), checkpoint]
             if resume and checkpoint.last_path.exists():
@@ -473,21 +477,25 @@ class BasePerturbationModel(
                 )
                 raise KeyboardInterrupt(
                     f"Training stopped by the user during epoch {interrupt.epoch + 1}. The model keeps the parameters "
-                    f"of its last step (undertrained; no training history). {resume_hint}"
+                    f"of its last step (undertrained). {resume_hint}"
                 ) from None
 
-    def _run_settings(self, lr, batch_size, train_size, validation_size, plan_kwargs) -> dict:
-        """What a training checkpoint must match to be resumed: model, data and training arguments."""
+    def _run_settings(self, batch_size, train_size, validation_size, plan_kwargs, datasplitter_kwargs) -> dict:
+        """What a training checkpoint must match to be resumed: model, data, split and training arguments."""
+        cells = None
+        if self.adata is not None:  # the same cells in the same order: the split is drawn over positions
+            cells = hashlib.sha256("\0".join(map(str, self.adata.obs_names)).encode()).hexdigest()
         return {
             "model": type(self).__name__,
-            "init_params": self.init_params_,
+            "model arguments": self.init_params_,
             "genes": [str(gene) for gene in self._gene_names],
             "perturbations": self.perturbations,
-            "n_cells": None if self.adata is None else int(self.adata.n_obs),
-            "lr": lr,
+            "cells (digest of the obs names)": cells,
+            "seed (scvi.settings.seed, which draws the split)": scvi.settings.seed,
             "batch_size": batch_size,
             "train_size": train_size,
             "validation_size": validation_size,
+            "datasplitter_kwargs": datasplitter_kwargs,
             "plan_kwargs": plan_kwargs,
         }
 
@@ -597,92 +605,18 @@ class BasePerturbationModel(
                 _assign_adata_uuid(adata, overwrite=True)  # its own manager, as scvi-tools gives a copied view
             elif isinstance(adata, AnnData) and not adata.isbacked and self._unregistered(adata):
                 # scvi-tools would write its registration (obs columns, obsm, uns) into data the user never set
-                # up; it goes into a copy that shares the matrices instead
+                # up; it goes into a copy that shares the matrices instead. The previous such copy is forgotten,
+                # so repeated calls do not pile up registrations that keep the user's matrices alive.
+                store = self._per_instance_manager_store.get(self.id, {})
+                store.pop(getattr(self, "_last_registration_copy", None), None)
                 adata = _registration_copy(adata)
+                self._last_registration_copy = adata.uns["_scvi_uuid"]
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _unregistered(self, adata: AnnData) -> bool:
         """Whether ``adata`` has no registration with this model (scvi-tools would then transfer one into it)."""
         manager = self._per_instance_manager_store.get(self.id, {}).get(adata.uns.get("_scvi_uuid"))
         return manager is None or manager.adata is not adata
-
-    def save(
-        self,
-        dir_path: str,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        save_kwargs: dict | None = None,
-        **anndata_write_kwargs,
-    ) -> None:
-        """Save the model (and, with ``save_anndata=True``, its AnnData) to the folder ``dir_path``.
-
-        Files are written to a temporary folder beside ``dir_path`` and moved into place when complete, so a
-        crash while saving leaves no half-written model. Only this ``prefix``'s files are written or replaced
-        (``{prefix}model.pt``, ``{prefix}adata.h5ad``): the folder's other files, other prefixes' models included,
-        are left alone. See :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
-        """
-        save_atomically(
-            lambda staging: super(BasePerturbationModel, self).save(
-                str(staging),
-                prefix=prefix,
-                overwrite=True,
-                save_anndata=save_anndata,
-                save_kwargs=save_kwargs,
-                **anndata_write_kwargs,
-            ),
-            dir_path,
-            prefix,
-            overwrite,
-        )
-
-    @classmethod
-    def load(cls, dir_path: str, adata=None, **kwargs):
-        """Load a saved model; ``adata`` must hold the same genes, in the same order, as the training data.
-
-        The model file is read building only tensors, arrays and tables: a file that asks to run code is
-        refused with an error and nothing of it runs. A missing, incomplete or damaged folder raises an error
-        that says which. See :meth:`scvi.model.base.BaseModelClass.load` for the arguments.
-        """
-        if kwargs.get("backup_url") is None:
-            check_model_folder(dir_path, kwargs.get("prefix"), needs_data=adata is None)
-        if adata is not None and adata is not False:
-            registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
-            genes = registry["field_registries"][SAMS_REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
-            _check_gene_names(pd.Index(genes), adata, registry)
-        with safe_model_loading():
-            model = super().load(dir_path, adata=adata, **kwargs)
-        model.history_ = history_from_arrays(model.history_)
-        return model
-
-    def _get_user_attributes(self) -> list[tuple[str, object]]:
-        """The attributes scvi-tools' ``save`` writes, with the training history as plain arrays."""
-        return [
-            (name, history_to_arrays(value) if name == "history_" else value)
-            for name, value in super()._get_user_attributes()
-        ]
-
-    @staticmethod
-    def load_registry(dir_path: str, prefix: str | None = None) -> dict:
-        """The registry saved with a model (read as safely as by :meth:`load`)."""
-        check_model_folder(dir_path, prefix, needs_data=False)
-        with safe_model_loading():
-            return BaseModelClass.load_registry(dir_path, prefix)
-
-    @staticmethod
-    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
-        """Print the setup arguments saved with a model (read as safely as by :meth:`load`)."""
-        check_model_folder(dir_path, prefix, needs_data=False)
-        with safe_model_loading():
-            BaseModelClass.view_setup_args(dir_path, prefix)
-
-    @classmethod
-    def convert_legacy_save(cls, *args, **kwargs) -> None:
-        """Not available: the legacy (scvi-tools < 0.15) format is unpickled in full, which can run code."""
-        raise NotImplementedError(
-            f"{cls.__name__} never wrote scvi-tools' legacy save format, and converting one unpickles its files in "
-            "full (which can run code they carry). Load folders written by model.save()."
-        )
 
     def _sample_covariates(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         """Covariate codes of random registered cells, shape (*shape, J), to marginalise covariates out."""

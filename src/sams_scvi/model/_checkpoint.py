@@ -86,11 +86,10 @@ def checkpoint_settings(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise ValueError(
-            f"Refused to resume from {str(path)!r}: it holds Python objects a training checkpoint never holds "
-            f"({str(error).splitlines()[0]}), and nothing of it was run. Delete it (or choose another "
-            "checkpoint_dir) to train from the beginning."
+            f"Refused to resume from {str(path)!r}: it holds Python objects a training checkpoint never holds, and "
+            "it was not read. Delete it (or choose another checkpoint_dir) to train from the beginning."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise ValueError(
@@ -103,19 +102,25 @@ def checkpoint_settings(path: str | os.PathLike) -> dict | None:
     return None
 
 
-def settings_differences(saved: dict, current: dict) -> list[str]:
-    """One line per setting that differs between a checkpoint and the run that resumes from it."""
+def settings_differences(saved: dict, current: dict, path: str = "") -> list[str]:
+    """One line per setting that differs between a checkpoint and the run that resumes from it.
+
+    Nested settings (model arguments, ``plan_kwargs``) are compared key by key and named by their path.
+    """
     current = _as_json(current)
     lines = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
+        name = f"{path}{key}"
         if old == new:
             continue
-        if isinstance(old, list) and isinstance(new, list) and (len(old) > 5 or len(new) > 5):
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += settings_differences(old, new, f"{name}.")
+        elif isinstance(old, list) and isinstance(new, list) and (len(old) > 5 or len(new) > 5):
             first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
-            lines.append(f"{key}: {len(old)} in the checkpoint, {len(new)} now, first difference at position {first}")
+            lines.append(f"{name}: {len(old)} in the checkpoint, {len(new)} now, first difference at position {first}")
         else:
-            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+            lines.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
     return lines
 
 

@@ -150,7 +150,7 @@ def _scvi_seed(seed: int) -> Iterator[None]:
     import scvi
 
     previous_seed = scvi.settings.seed
-    environment = {name: os.environ.get(name) for name in ("XLA_FLAGS", "PL_GLOBAL_SEED")}
+    environment = {name: os.environ.get(name) for name in ("XLA_FLAGS", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
@@ -169,16 +169,26 @@ def _scvi_seed(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-def _as_positions(adata, indices, name: str = "indices") -> np.ndarray | None:
+def _as_positions(adata, indices, name: str = "indices", allow_empty: bool = False) -> np.ndarray | None:
     """Cell positions from integer positions, a boolean mask or obs names, as scanpy accepts them.
 
-    ``None`` stays ``None`` (all cells). Negative positions count from the end, as in numpy. A selection of no cells
-    is refused: every caller would otherwise fail later inside torch or pandas.
+    ``None`` stays ``None`` (all cells). Negative positions count from the end, as in numpy. A boolean
+    :class:`pandas.Series` indexed by obs names is aligned to ``adata`` by name. A selection of no cells is refused
+    (every caller would otherwise fail later inside torch or pandas) unless ``allow_empty``.
     """
     if indices is None:
         return None
     if isinstance(indices, str):
         raise TypeError(f"`{name}` must be a list of cells, not the text {indices!r}; pass [{indices!r}].")
+    if isinstance(indices, pd.Series) and indices.dtype == bool and not isinstance(indices.index, pd.RangeIndex):
+        # a mask such as adata.obs["x"] == "y" of another AnnData or order: its index says which cell is which
+        aligned = indices.reindex(pd.Index(adata.obs_names))
+        if aligned.isna().any() or not indices.index.is_unique:
+            raise ValueError(
+                f"The boolean Series `{name}` is indexed by names that are not the obs names of `adata` "
+                f"(or repeat); pass a mask of adata.obs, or `{name}.to_numpy()` in the order of adata's cells."
+            )
+        indices = aligned.to_numpy(dtype=bool)
     values = np.asarray(list(indices) if isinstance(indices, pd.Index | pd.Series) else indices)
     if values.ndim != 1:
         raise ValueError(f"`{name}` must be one-dimensional (positions, a boolean mask or obs names).")
@@ -213,7 +223,10 @@ def _as_positions(adata, indices, name: str = "indices") -> np.ndarray | None:
     elif values.min() < -n_obs or values.max() >= n_obs:
         raise IndexError(f"`{name}` has positions outside 0..{n_obs - 1}, the cells of `adata`.")
     else:
+        values = values.astype(np.int64)  # int8 positions would overflow when counted from the end
         positions = np.where(values < 0, values + n_obs, values)
+    if positions.size == 0 and allow_empty:
+        return positions.astype(np.int64)
     if positions.size == 0:
         raise ValueError(f"`{name}` selects no cells; pass at least one cell, or None for all cells.")
     return positions.astype(np.int64)
