@@ -560,3 +560,79 @@ def test_evaluate_finds_the_models_split_by_name_in_other_data(trained):
     np.testing.assert_allclose(mine.loc["train", "pearson"], theirs.loc["train", "pearson"], rtol=1e-6)
     with pytest.raises(ValueError, match="not obs names"):
         sams_scvi.metrics.evaluate(trained, shuffled[5:].copy(), **kwargs)
+
+
+def test_external_indexing_takes_masks_and_obs_names():
+    model = _fresh_model()
+    n_obs = model.adata.n_obs
+    train = np.zeros(n_obs, dtype=bool)
+    train[: n_obs // 2] = True
+    model.train(max_epochs=1, datasplitter_kwargs={"external_indexing": [train, [], []]}, **TRAIN_KW)
+    np.testing.assert_array_equal(np.sort(model.train_indices), np.flatnonzero(train))
+    named = _fresh_model()
+    names = named.adata.obs_names[10:20]
+    named.train(max_epochs=1, datasplitter_kwargs={"external_indexing": [names, [], []]}, **TRAIN_KW)
+    np.testing.assert_array_equal(np.sort(named.train_indices), np.arange(10, 20))
+
+
+def test_differential_expression_leaves_the_registered_data_as_it_was(trained):
+    columns = list(trained.adata.obs.columns)
+    trained.differential_expression(groupby="perturbation", group1="p0", group2="control")
+    assert list(trained.adata.obs.columns) == columns
+
+
+def test_median_library_size_on_backed_data(tmp_path):
+    _simulated().write_h5ad(tmp_path / "screen.h5ad")
+    adata = ad.read_h5ad(tmp_path / "screen.h5ad", backed="r")
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+    ate = model.estimate_ate(["p0"], n_samples=20, library_size="median", progress_bar=False)
+    expected = float(np.median(np.asarray(_simulated().X.sum(1)).ravel()))
+    assert ate.uns["library_size"] == pytest.approx(expected)
+
+
+def test_evaluate_reads_the_data_as_the_model_was_set_up():
+    adata = _simulated()
+    adata.obs["guide"] = adata.obs["perturbation"].astype(str).replace({"control": "NTC"})
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X * 0  # what the observed ATEs must not be computed from
+    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="guide", control_value="NTC", layer="counts")
+    model = sams_scvi.SAMSVAE(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+    kwargs = {"subsets": ["train"], "n_ate_samples": 20, "n_iwelbo_samples": 2, "progress_bar": False}
+    table = sams_scvi.metrics.evaluate(model, adata, **kwargs)
+    explicit = sams_scvi.metrics.evaluate(
+        model, adata, perturbation_key="guide", control_value="NTC", layer="counts", **kwargs
+    )
+    pd.testing.assert_frame_equal(table, explicit)
+    assert np.isfinite(table.loc["train", "pearson"])
+
+
+def test_repeated_labels_give_one_row(trained):
+    assert trained.estimate_ate(["p0", "p0"], n_samples=20, progress_bar=False).n_obs == 1
+
+
+@pytest.mark.parametrize("batch_size", ["8", 2.5, 0])
+def test_batch_sizes_are_checked_by_the_readers(trained, batch_size):
+    with pytest.raises((TypeError, ValueError), match="`batch_size` must be"):
+        trained.get_latent(batch_size=batch_size)
+    with pytest.raises((TypeError, ValueError), match="`batch_size` must be"):
+        trained.estimate_ate(["p0"], n_samples=20, batch_size=batch_size, progress_bar=False)
+
+
+def test_missing_batch_values_are_named_at_setup():
+    adata = _simulated()
+    adata.obs["batch"] = ["b1"] * (adata.n_obs - 1) + [np.nan]
+    with pytest.raises(ValueError, match="1 cells have no value"):
+        sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", batch_key="batch")
+
+
+def test_cli_train_restores_the_callers_seed(tmp_path):
+    _simulated().write_h5ad(tmp_path / "screen.h5ad")
+    scvi.settings.seed = 3
+    state = torch.get_rng_state()
+    argv = ["train", str(tmp_path / "screen.h5ad"), "--output", str(tmp_path / "m"), "--max-epochs", "1", "--seed", "7"]
+    assert main([*argv, "--quiet"]) == 0
+    assert scvi.settings.seed == 3
+    assert torch.equal(torch.get_rng_state(), state)

@@ -234,7 +234,6 @@ def _train(args: argparse.Namespace) -> None:
             "data; give another folder for the model"
         )
 
-    import scvi
 
     from .model import SAMSVAE
 
@@ -248,9 +247,13 @@ def _train(args: argparse.Namespace) -> None:
         layer=args.layer,
         batch_key=args.batch_key,
     )
-    scvi.settings.seed = args.seed  # set after the checks above, whose errors then come without its log line
-    model = SAMSVAE(adata, n_latent=args.n_latent)
-    model.train(max_epochs=args.max_epochs, enable_progress_bar=not args.quiet)
+    from .model._utils import _scvi_seed
+
+    # seeded after the checks above, whose errors then come without its log line; main() may be called from Python,
+    # so the caller's seed and random states return afterwards
+    with _scvi_seed(args.seed):
+        model = SAMSVAE(adata, n_latent=args.n_latent)
+        model.train(max_epochs=args.max_epochs, enable_progress_bar=not args.quiet)
     model.save(args.output, overwrite=True, save_anndata=True)
     print(f"Saved the trained model (with its AnnData) to {args.output}")
 
@@ -282,9 +285,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .metrics import evaluate
 
     adata = model.adata if args.adata is None else _read_h5ad(args.adata, "--adata")
-    # the model's split by cell name: --adata may hold the training cells in another order
-    names = model.adata.obs_names.to_numpy()
-    split = [names[cells] for cells in (model.train_indices, model.validation_indices, model.test_indices)]
+    split = [model.train_indices, model.validation_indices, model.test_indices]
+    if args.adata is not None:  # by cell name: --adata may hold the training cells in another order
+        split = [model.adata.obs_names.to_numpy()[cells] for cells in split]
     subsets = [name for name, cells in zip(("train", "validation", "test"), split, strict=True) if len(cells)] + ["all"]
     tables = {
         "SAMS-VAE": evaluate(
@@ -297,9 +300,17 @@ def _evaluate(args: argparse.Namespace) -> None:
             progress_bar=not args.quiet,
         )
     }
+    setup = model.registry_["setup_args"]  # the baselines read the data as the model does
+    labels = {key: setup[key] for key in ("perturbation_key", "control_value", "delimiter", "layer")}
     for baseline in args.baselines:
         tables[baseline] = evaluate(
-            baseline, adata, split, subsets=subsets, per_perturbation=args.per_perturbation, progress_bar=False
+            baseline,
+            adata,
+            split,
+            subsets=subsets,
+            per_perturbation=args.per_perturbation,
+            progress_bar=False,
+            **labels,
         )
     table = pd.concat(tables, names=["predictor"])
     table.to_csv(args.output)
@@ -403,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default="demo_output", type=_output_path, help="folder for the results, created if missing"
     )
     demo.add_argument("--max-epochs", default=120, type=_positive_int, help="training epochs")
-    demo.add_argument("--seed", default=0, type=int, help="random seed")
+    demo.add_argument("--seed", default=0, type=_int_at_least(0), help="random seed")
     demo.set_defaults(func=_demo)
 
     train = add_verb(
@@ -431,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="training epochs (default: 120, fewer for more than 66,667 cells)",
     )
-    train.add_argument("--seed", default=0, type=int, help="random seed")
+    train.add_argument("--seed", default=0, type=_int_at_least(0), help="random seed")
     train.add_argument(
         "--output", required=True, type=_output_path, help="folder for the saved model, created if missing"
     )

@@ -24,9 +24,9 @@ def evaluate(
     adata: AnnData,
     split: Sequence[Sequence[int] | Sequence[bool] | Sequence[str]] | None = None,
     subsets: Sequence[str] = SUBSETS,
-    perturbation_key: str = "perturbation",
-    control_value: str = "control",
-    delimiter: str = "+",
+    perturbation_key: str | None = None,
+    control_value: str | None = None,
+    delimiter: str | None = None,
     top_k: int = 20,
     n_ate_samples: int = 2500,
     n_iwelbo_samples: int = 100,
@@ -36,6 +36,7 @@ def evaluate(
     scale: Literal["log2", "log1p", "none"] | None = None,
     seed: int = 0,
     progress_bar: bool = True,
+    layer: str | None = None,
 ) -> pd.DataFrame:
     """Evaluate a trained model or a baseline on a split, with the paper's protocol (spec §5).
 
@@ -60,7 +61,8 @@ def evaluate(
     subsets
         Rows to report; a requested subset without cells raises a :class:`ValueError`.
     perturbation_key, control_value, delimiter
-        How labels are written.
+        How labels are written. Default: as the model was set up (for a baseline: ``"perturbation"``,
+        ``"control"``, ``"+"``).
     top_k
         Genes per perturbation of the top-k metrics.
     n_ate_samples, n_iwelbo_samples, library_size
@@ -79,6 +81,9 @@ def evaluate(
         Seed of the control halves (a non-negative integer).
     progress_bar
         Show a progress bar over subsets.
+    layer
+        Layer of ``adata`` with the raw counts the observed ATEs (and baselines) are computed from. Default: the
+        model's layer (``adata.X`` for a baseline).
 
     Returns
     -------
@@ -87,6 +92,13 @@ def evaluate(
     """
     is_baseline = isinstance(predictor, str)
     _check_seed(seed)
+    setup = {} if is_baseline else dict(predictor.registry_["setup_args"])
+    # the data is read as the model reads it: its label column, control label, delimiter and counts layer
+    perturbation_key = perturbation_key or setup.get("perturbation_key") or "perturbation"
+    control_value = str(control_value if control_value is not None else setup.get("control_value", "control"))
+    delimiter = delimiter or setup.get("delimiter") or "+"
+    if layer is None and setup.get("layer") is not None:
+        layer = setup["layer"]
     labels = obs_labels(adata, perturbation_key)
     if split is None:
         if is_baseline:
@@ -118,7 +130,13 @@ def evaluate(
         normal = not is_baseline and getattr(predictor.module, "likelihood", "nb") == "normal"
         scale = "none" if normal else "log2"
     observed = observed_ate(
-        adata, perturbation_key, control_value, perturbations=everything, indices=observed_cells, scale=scale
+        adata,
+        perturbation_key,
+        control_value,
+        perturbations=everything,
+        layer=layer,
+        indices=observed_cells,
+        scale=scale,
     )
     if is_baseline:
         predicted = baseline_ate(
@@ -129,6 +147,7 @@ def evaluate(
             control_value,
             delimiter,
             indices=baseline_cells,
+            layer=layer,
             scale=scale,
         )
     else:

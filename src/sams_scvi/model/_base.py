@@ -584,6 +584,9 @@ class BasePerturbationModel(
         """scvi-tools' loader, with ``indices`` given as positions, a boolean mask or obs names (as scanpy)."""
         if indices is not None:
             indices = _as_positions(self.adata if adata is None else adata, indices)
+        if kwargs.get("batch_size") is not None:  # torch's own message names neither the method nor the fix
+            _check_positive("batch_size", kwargs["batch_size"], integer=True)
+            kwargs["batch_size"] = int(kwargs["batch_size"])
         return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):

@@ -191,8 +191,14 @@ class ExpressionMixin:
                         f"{name}={value!r} names groups that adata.obs[{groupby!r}] does not have: {unknown}; its "
                         f"groups are {groups[:20]}."
                     )
-        with _seeded(seed, self.device):
-            return RNASeqMixin.differential_expression(self, *args, **kwargs)
+        columns = set(data.obs.columns) if data is not None else set()
+        try:
+            with _seeded(seed, self.device):
+                return RNASeqMixin.differential_expression(self, *args, **kwargs)
+        finally:
+            if data is not None:  # scvi-tools leaves its scaling column (_scvi_raw_norm_scaling) in the data
+                added = [c for c in data.obs.columns if c not in columns and str(c).startswith("_scvi")]
+                data.obs.drop(columns=added, inplace=True)
 
     def get_reconstruction_error(self, *args, seed: int | None = 0, **kwargs) -> dict[str, float]:
         """scvi-tools' :meth:`~scvi.model.base.VAEMixin.get_reconstruction_error`, reproducible by ``seed``.

@@ -110,6 +110,8 @@ class PredictionMixin:
             raise ValueError("`perturbations` is empty.")
         _check_positive("n_samples", n_samples, integer=True)
         _check_positive("target_sum", target_sum)
+        if batch_size is not None:
+            _check_positive("batch_size", batch_size, integer=True)
         target_design = self._design_for(perturbations)  # (P, T)
         indices = _as_positions(adata, indices)
         if indices is None:
@@ -445,6 +447,8 @@ class PredictionMixin:
         Returns ``ate``, ``mc_se``, ``posterior_sd``, ``n_samples`` (used), ``n_draws`` and ``library_size``;
         see :meth:`estimate_ate`.
         """
+        _check_positive("batch_size", batch_size, integer=True)
+        batch_size = int(batch_size)
         state = self._perturbation_state
         if state["n_control_cells"] == 0:
             raise ValueError(
@@ -591,7 +595,7 @@ class PredictionMixin:
             if self.adata is None:
                 raise ValueError("library_size='median' needs the registered AnnData.")
             x = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)
-            return float(np.median(np.asarray(x.sum(1)).ravel()))
+            return float(np.median(_row_sums(x)))
         if isinstance(library_size, str):
             raise ValueError(f"`library_size` must be a positive number or 'median', not {library_size!r}.")
         _check_positive("library_size", library_size)
@@ -696,13 +700,22 @@ def _log1p_normalize(counts: torch.Tensor, target_sum: float) -> torch.Tensor:
 
 
 def _as_labels(perturbations) -> list[str]:
-    """Perturbation labels as a list of strings; a single string is one label, not its letters.
+    """Perturbation labels as a list of strings, each once; a single string is one label, not its letters.
 
-    Surrounding spaces are dropped, as the label parser drops them, so that outputs carry the registered label.
+    Surrounding spaces are dropped, as the label parser drops them, so that outputs carry the registered label; a
+    repeated label would give repeated rows and obs names.
     """
     if isinstance(perturbations, str):
         return [perturbations.strip()]
-    return [str(p).strip() for p in perturbations]
+    return list(dict.fromkeys(str(p).strip() for p in perturbations))
+
+
+def _row_sums(x) -> np.ndarray:
+    """Per-cell totals of a count matrix: numpy, scipy sparse, or backed on disk (read a block of rows at a time)."""
+    if isinstance(x, np.ndarray) or sparse.issparse(x):
+        return np.asarray(x.sum(1)).ravel()
+    step = 10_000
+    return np.concatenate([np.asarray(x[start : start + step].sum(1)).ravel() for start in range(0, x.shape[0], step)])
 
 
 def _sparse_contrast(contrasts: np.ndarray, device: torch.device) -> torch.Tensor:

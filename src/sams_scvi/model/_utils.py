@@ -50,6 +50,13 @@ def _check_obs_keys(adata, **keys: str | list[str] | None) -> None:
         for key in [value] if isinstance(value, str) else (value or []):
             if key not in adata.obs:
                 raise KeyError(f"{argument}={key!r} is not a column of adata.obs; available columns: {columns}.")
+            missing = int(adata.obs[key].isna().sum())
+            if missing:  # scvi-tools' categorical check fails on them with a message that does not say so
+                raise ValueError(
+                    f"{argument}={key!r}: {missing} cells have no value (NaN) in adata.obs[{key!r}]. Give them one "
+                    f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).replace('nan', 'unknown')) or drop "
+                    "those cells before setup."
+                )
 
 
 def _check_finite(x) -> None:
