@@ -78,7 +78,8 @@ def split_half_ceiling(
     _check_seed(seed)
     labels = obs_labels(adata, perturbation_key)
     cells = _as_positions(adata, indices)
-    cells = np.arange(adata.n_obs) if cells is None else np.unique(cells)  # a cell drawn twice is one cell
+    # a cell drawn twice is one cell; the order is kept, since the halves are drawn from it
+    cells = np.arange(adata.n_obs) if cells is None else pd.unique(cells)
     counts = pd.Series(labels[cells]).value_counts()
     if perturbations is None:
         perturbations = sorted(p for p, n in counts.items() if p != control_value and n >= 2)
