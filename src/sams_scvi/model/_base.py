@@ -389,7 +389,10 @@ class BasePerturbationModel(
             Continue from ``checkpoint_dir/last.ckpt`` if it exists (otherwise start from the beginning, so the
             same call works for the first run and after a crash). Create the model as before (same data, seed
             and arguments) and call ``train`` with the same arguments: the resumed run ends with the parameters
-            the uninterrupted run would have had. ``history`` then covers only the resumed epochs.
+            the uninterrupted run would have had. ``history`` then covers only the resumed epochs. A checkpoint
+            written with other settings (model arguments, genes, perturbations, cells, seed, batch and split sizes,
+            ``plan_kwargs``) is refused with the settings that differ; a larger ``max_epochs`` continues the run.
+            Ctrl+C during training raises :class:`KeyboardInterrupt` with how to resume.
         reuse_cpu_memory
             On Linux, keep up to 1 GiB of the memory one step frees for the next instead of handing it back to the
             system and faulting it in again (glibc's ``M_TOP_PAD``; restored afterwards). On 2 CPU cores at 2,000

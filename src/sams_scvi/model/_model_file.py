@@ -60,8 +60,6 @@ def encode(value):
             "index_name": None if value.index.name is None else str(value.index.name),
             "columns": [str(column) for column in value.columns],
         }
-    if isinstance(value, pd.Index):
-        return encode(value.to_numpy())
     if isinstance(value, collections.defaultdict):
         if value.default_factory not in (dict, list, None):
             raise TypeError(f"A model file cannot hold a defaultdict of {value.default_factory!r}.")
