@@ -132,7 +132,12 @@ def test_recipe_arguments(tmp_path):
         sams_scvi.SAMSVAE(adata, recipe="slow")
     fast = sams_scvi.SAMSVAE(adata, n_latent=2)
     assert torch.all(fast.module.mask_logits == 3.0)
-    assert fast._recipe_plan_kwargs == {"global_lr_factor": 10.0, "align_at": 0.5, "align_mask_logit": 8.0, "mask_hold": None}
+    assert fast._recipe_plan_kwargs == {
+        "global_lr_factor": 10.0,
+        "align_after_updates": 1000,
+        "align_mask_logit": 8.0,
+        "mask_hold": None,
+    }
     reference = sams_scvi.SAMSVAE(adata, n_latent=2, recipe="reference")
     assert torch.all(reference.module.mask_logits == 0.0)
     explicit = sams_scvi.SAMSVAE(adata, n_latent=2, mask_init_logit=-1.0)  # an explicit argument wins
@@ -145,7 +150,7 @@ def test_recipe_arguments(tmp_path):
     assert fast.trainer.lightning_module.global_lr_factor == 2.0
     reference.save(tmp_path / "model")
     loaded = sams_scvi.SAMSVAE.load(tmp_path / "model", adata=adata)
-    assert loaded._recipe_plan_kwargs == {"global_lr_factor": 1.0, "align_at": None}
+    assert loaded._recipe_plan_kwargs == {"global_lr_factor": 1.0, "align_after_updates": None}
 
 
 def test_control_basal_draws_keep_each_cell_with_its_covariates():

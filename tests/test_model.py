@@ -270,18 +270,32 @@ def test_evaluate_model_and_baselines_on_a_combination_split(tapseq):
 
 
 def test_default_training_length(tapseq, monkeypatch):
-    """train() without max_epochs runs 120 epochs (the benchmarks' length), fewer for very large data."""
+    """train() without max_epochs or batch_size gives a typical perturbation ~4,000 updates at any screen size."""
     from scvi.model.base import UnsupervisedTrainingMixin
 
-    from sams_scvi.model._base import default_max_epochs
+    from sams_scvi.model import default_batch_size, default_max_epochs, updates_per_epoch
 
-    assert default_max_epochs(11_000) == 120 and default_max_epochs(200_000) == 40 and default_max_epochs(10**8) == 1
+    # a 3,000-cell arrayed screen: 22 steps of 128 cells per epoch, 98.7 % of which hold a given perturbation
+    assert default_batch_size(2_700) == 128 and default_batch_size(9_000) == 512 and default_batch_size(5_000) == 256
+    assert updates_per_epoch(2_700, 128, 90) == pytest.approx(22 * (1 - (1 - 90 / 2_700) ** 128))
+    assert default_max_epochs(2_700, 128, 90) == 185
+    # 10^6 cells, 722 perturbations: a minibatch holds a given one half of the time; capped at 8 epochs
+    per_epoch = updates_per_epoch(900_000, 512, 1_246)
+    assert 0.45 < per_epoch / 1_758 < 0.55
+    assert default_max_epochs(900_000, 512, 1_246) == 5
+    assert default_max_epochs(900_000, 512, 50) == 8 and default_max_epochs(10**8, 512, 10) == 1
     adata = tapseq[:300].copy()
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
     model = sams_scvi.SAMSVAE(adata, n_latent=2, n_hidden=8)
     seen = {}
-    monkeypatch.setattr(UnsupervisedTrainingMixin, "train", lambda self, max_epochs=None, **kw: seen.update(e=max_epochs))
+    monkeypatch.setattr(
+        UnsupervisedTrainingMixin,
+        "train",
+        lambda self, max_epochs=None, batch_size=None, **kw: seen.update(e=max_epochs, b=batch_size),
+    )
     model.train()
-    assert seen["e"] == 120
-    model.train(max_epochs=7)
-    assert seen["e"] == 7
+    counts = np.asarray((model.adata_manager.get_from_registry("perturbation") != 0).sum(0)).ravel()
+    typical = np.median(counts[counts > 0]) * 270 / 300
+    assert seen == {"e": default_max_epochs(270, 128, typical), "b": 128}
+    model.train(max_epochs=7, batch_size=64)
+    assert seen == {"e": 7, "b": 64}

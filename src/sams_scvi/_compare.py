@@ -48,7 +48,7 @@ def compare_models(
     top_k: int = 20,
     n_ate_samples: int = 2500,
     n_iwelbo_samples: int = 100,
-    library_size: float | Literal["median"] = 1e4,
+    library_size: float | Literal["median"] = "median",
     seed: int = 0,
     train_kwargs: dict | None = None,
     progress_bar: bool = True,

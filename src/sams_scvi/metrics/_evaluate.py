@@ -30,7 +30,7 @@ def evaluate(
     top_k: int = 20,
     n_ate_samples: int = 2500,
     n_iwelbo_samples: int = 100,
-    library_size: float | Literal["median"] = 1e4,
+    library_size: float | Literal["median"] = "median",
     disjoint_controls: bool = False,
     per_perturbation: bool = False,
     scale: Literal["log2", "log1p", "none"] | None = None,

@@ -1,9 +1,10 @@
 """User-facing models of :mod:`sams_scvi`: SAMS-VAE and the paper's comparison models."""
 
-from ._base import BasePerturbationModel, default_max_epochs
+from ._base import BasePerturbationModel
 from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
 from ._model_file import UnsafeModelFileError
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
+from ._schedule import default_batch_size, default_max_epochs, updates_per_epoch
 from ._training_plan import SAMSTrainingPlan
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "SVAEPlus",
     "UnsafeModelFileError",
     "bootstrap_models",
+    "default_batch_size",
     "default_max_epochs",
     "ensemble_ate",
     "ensemble_screen",
+    "updates_per_epoch",
 ]

@@ -40,12 +40,14 @@ from sams_scvi.data._perturbation_field import (
 from sams_scvi.module import SAMSModule
 
 from ._checkpoint import InterruptWatch, ResumableCheckpoint, checkpoint_settings, settings_differences
+from ._convergence import training_convergence, warn_if_unsettled
 from ._cpu_memory import flush_denormals, reuse_freed_memory
 from ._data_splitter import SAMSDataSplitter
 from ._expression import ExpressionMixin
 from ._mechanism import MechanismMixin
 from ._prediction import PredictionMixin
 from ._save_load import SaveLoadMixin
+from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
 from ._training_plan import SAMSTrainingPlan
 from ._utils import (
     _as_positions,
@@ -59,12 +61,6 @@ from ._utils import (
     _seeded,
     _warn_duplicate_genes,
 )
-
-# Default length of training. Every benchmark in docs/ trains for at most 120 epochs (TAP-seq: 2,040 steps); longer
-# runs prune the masks of weak perturbations (TAP-seq, 400 epochs: 5 of 14 targets without a mechanism and a lower
-# held-out ATE r, docs/model.md). Above 66,667 cells, scvi-tools' budget of 8 million cell passes gives fewer.
-_MAX_EPOCHS = 120
-_CELL_PASSES = 8_000_000
 
 
 def _check_perturbation_key(perturbation_key) -> None:
@@ -110,11 +106,6 @@ def _registration_copy(adata: AnnData) -> AnnData:
     )
     _assign_adata_uuid(copy)
     return copy
-
-
-def default_max_epochs(n_cells: int) -> int:
-    """Epochs that ``train(max_epochs=None)`` runs: 120, or 8 million cell passes when that is fewer."""
-    return int(max(1, min(_MAX_EPOCHS, round(_CELL_PASSES / max(n_cells, 1)))))
 
 
 class BasePerturbationModel(
@@ -335,7 +326,7 @@ class BasePerturbationModel(
         self,
         max_epochs: int | None = None,
         lr: float = 1e-3,
-        batch_size: int = 512,
+        batch_size: int | None = None,
         train_size: float = 0.9,
         validation_size: float | None = None,
         early_stopping: bool = False,
@@ -354,13 +345,17 @@ class BasePerturbationModel(
         Parameters
         ----------
         max_epochs
-            Number of passes through the training cells; ``None``: 120, or fewer for more than 66,667 cells
-            (:func:`default_max_epochs`; longer runs prune the masks of weak perturbations, ``docs/model.md``).
+            Number of passes through the training cells; ``None``: enough for a typical perturbation's mechanism to
+            be updated 4,000 times (:func:`~sams_scvi.model.default_max_epochs`: a few hundred epochs on a few
+            thousand cells, a few epochs on 10^6; at most 8 million cell passes). ``docs/model.md``, "Training
+            length".
         lr
             Adam learning rate (the paper's sweeps use 3e-4 over 30k-150k steps; 1e-3 is the reference demo's
             value, chosen here for the shorter runs a CPU affords).
         batch_size
-            Cells per minibatch (512 in the paper).
+            Cells per minibatch; ``None``: 512 as in the paper, or 256 / 128 on screens whose epoch would have
+            fewer than 16 steps (:func:`~sams_scvi.model.default_batch_size`): the same number of updates then
+            takes about a third of the time.
         train_size, validation_size
             Fractions of cells for training and validation; pass
             ``datasplitter_kwargs={"external_indexing": [train, val, test]}`` for a fixed split, e.g. from
@@ -405,15 +400,21 @@ class BasePerturbationModel(
         self._check_train_args(
             max_epochs, batch_size, train_size, validation_size, early_stopping, plan_kwargs, datasplitter_kwargs
         )
+        recipe_plan = dict(getattr(self, "_recipe_plan_kwargs", {}))
+        if "align_at" in (plan_kwargs or {}):  # the 0.2 schedule, or align_at=None for none, replaces the recipe's
+            recipe_plan.pop("align_after_updates", None)
         plan_kwargs = {
             "lr": lr,
             "eps": 1e-8,
             "weight_decay": 1e-6,
             "n_epochs_kl_warmup": None,
             "n_steps_kl_warmup": None,
-            **getattr(self, "_recipe_plan_kwargs", {}),
+            **recipe_plan,
             **(plan_kwargs or {}),
         }
+        n_train = self._n_train_cells(train_size, datasplitter_kwargs)
+        if batch_size is None:
+            batch_size = default_batch_size(n_train)
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if trainer_kwargs.get("strategy") == "ddp":
@@ -448,12 +449,12 @@ class BasePerturbationModel(
         elif resume:
             raise ValueError("resume=True needs the checkpoint_dir that the interrupted run wrote to.")
         if max_epochs is None and trainer_kwargs.get("datamodule") is None:
-            max_epochs = default_max_epochs(self.adata.n_obs)
+            max_epochs = default_max_epochs(n_train, batch_size, self._typical_training_cells(n_train))
         interrupt = InterruptWatch()
         trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), interrupt]
         with quiet_dependencies(), reuse_freed_memory(enabled=reuse_cpu_memory), flush_denormals():
             try:
-                return super().train(
+                result = super().train(
                     max_epochs=max_epochs,
                     accelerator=accelerator,
                     devices=devices,
@@ -482,6 +483,24 @@ class BasePerturbationModel(
                     f"Training stopped by the user during epoch {interrupt.epoch + 1}. The model keeps the parameters "
                     f"of its last step (undertrained). {resume_hint}"
                 ) from None
+        warn_if_unsettled(self, "train")
+        return result
+
+    def convergence(self) -> pd.DataFrame:
+        """Whether training has settled: the objective and the mechanism over the last quarter of the run.
+
+        ``train()``, :meth:`estimate_ate`, :meth:`differential_expression` and :meth:`screen_combinations` warn
+        when a quantity has not; :func:`sams_scvi.pl.training_history` draws the curves with the assessed window.
+
+        Returns
+        -------
+        One row per quantity: ``objective`` (relative decrease of the training loss over the last quarter of the
+        epochs; settled below 0.2 %), ``masks`` (change of the fraction of mask entries on) and ``penetrance``
+        (change of the mean penetrance; settled below 0.01), with ``change``, ``tolerance``, ``settled`` and the
+        window's ``epochs``.
+        """
+        self._check_if_trained(warn=False)
+        return training_convergence(self.history)
 
     def _run_settings(self, batch_size, train_size, validation_size, plan_kwargs, datasplitter_kwargs) -> dict:
         """What a training checkpoint must match to be resumed: model, data, split and training arguments."""
@@ -515,7 +534,8 @@ class BasePerturbationModel(
         """Raise before training on arguments that Lightning or scvi-tools would misread, hang on or accept silently."""
         if max_epochs is not None:  # Lightning reads -1 as "train forever"
             _check_positive("max_epochs", max_epochs, integer=True)
-        _check_positive("batch_size", batch_size, integer=True)
+        if batch_size is not None:
+            _check_positive("batch_size", batch_size, integer=True)
         _check_number("train_size", train_size)
         if not 0 < train_size <= 1:
             raise ValueError(f"`train_size` must be in (0, 1], the fraction of cells to train on, not {train_size!r}.")
@@ -539,6 +559,19 @@ class BasePerturbationModel(
                     "early_stopping=False."
                 )
         _check_plan_kwargs(self._training_plan_cls, self.module, plan_kwargs)
+
+    def _n_train_cells(self, train_size: float, datasplitter_kwargs: dict | None) -> int:
+        """Cells the run will train on (the default length and batch size follow it)."""
+        external = (datasplitter_kwargs or {}).get("external_indexing")
+        if external is not None and len(external) > 0:
+            return max(len(_as_positions(self.adata, external[0], "external_indexing[0]", allow_empty=True)), 1)
+        return max(int(np.ceil(train_size * self.adata.n_obs)), 1) if self.adata is not None else 1
+
+    def _typical_training_cells(self, n_train: int) -> float:
+        """Training cells of a typical perturbation, from its share of the registered cells."""
+        design = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+        counts = np.asarray((design != 0).sum(0)).ravel()
+        return typical_cells_per_perturbation(counts) * n_train / max(self.adata.n_obs, 1)
 
     # ------------------------------------------------------------------ helpers
     @property

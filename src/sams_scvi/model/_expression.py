@@ -14,6 +14,7 @@ from scvi.model.base import RNASeqMixin, VAEMixin
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
+from ._convergence import warn_if_unsettled
 from ._utils import _as_positions, _check_positive, _seeded
 
 
@@ -174,6 +175,7 @@ class ExpressionMixin:
         A ``groupby`` column or a group that the data does not have raises an error that lists those there are.
         """
         self._check_if_trained(warn=False)
+        warn_if_unsettled(self, "differential_expression")
         bound = inspect.signature(RNASeqMixin.differential_expression).bind(self, *args, **kwargs).arguments
         groupby, data = bound.get("groupby"), self.adata if bound.get("adata") is None else bound["adata"]
         if groupby is not None and data is not None:

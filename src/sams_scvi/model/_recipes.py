@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sams_scvi.model._schedule import ALIGN_AFTER_UPDATES
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -30,18 +32,24 @@ class Recipe:
 SAMS_RECIPES = {
     "fast": Recipe(
         "masks start on (logit 3, q = 0.95) and the per-perturbation variational parameters learn 10x faster, so "
-        "effects are carried by the mechanism from the first epochs; half way through, the latent axes are "
-        "rotated to where the shifts are sparsest, and the masks are set there (logits +-8) and held for the rest "
-        "of training; cells may escape their perturbation (penetrance) "
+        "effects are carried by the mechanism from the first epochs; after 1,000 updates of a typical perturbation "
+        "(or half way through a shorter run), the latent axes are rotated to where the shifts are sparsest, and the "
+        "masks are set there (logits +-8) and held for the rest of training; cells may escape their perturbation "
+        "(penetrance) "
         "(docs/model.md)",
         module={"mask_init_logit": 3.0, "penetrance": True},
-        plan={"global_lr_factor": 10.0, "align_at": 0.5, "align_mask_logit": 8.0, "mask_hold": None},
+        plan={
+            "global_lr_factor": 10.0,
+            "align_after_updates": ALIGN_AFTER_UPDATES,
+            "align_mask_logit": 8.0,
+            "mask_hold": None,
+        },
     ),
     "reference": Recipe(
         "the authors' model and settings: every perturbed cell responds, mask logits start at 0 (q = 0.5), one "
         "learning rate for every parameter",
         module={"mask_init_logit": 0.0, "penetrance": False},
-        plan={"global_lr_factor": 1.0, "align_at": None},
+        plan={"global_lr_factor": 1.0, "align_after_updates": None},
     ),
 }
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy import sparse
 from scvi.train import TrainingPlan
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi.model._schedule import align_epoch, typical_cells_per_perturbation, updates_per_epoch
 
 
 def log1p_mean_std(x, indices: np.ndarray, chunk_size: int = 10_000, log: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -65,11 +68,17 @@ class SAMSTrainingPlan(TrainingPlan):
         A :class:`~sams_scvi.module.SAMSModule`.
     global_lr_factor
         Learning-rate multiplier of the per-perturbation variational parameters.
+    align_after_updates
+        Align the latent axes with the mechanism (:meth:`~sams_scvi.module.SAMSModule.align_mechanism`) after this
+        many updates of a typical perturbation (optimiser steps whose minibatch holds its cells,
+        :func:`~sams_scvi.model.updates_per_epoch`), or half way through a shorter run: the latent space is
+        rotated, at no cost to the likelihood, to the basis in which the learned shifts are sparsest, and the masks
+        restart there. Keyed to updates, not to a fraction of ``max_epochs``, so that a longer run aligns at the
+        same point and only trains longer afterwards. ``None``: never (the reference). Only for mechanisms with
+        masks.
     align_at
-        Fraction of ``max_epochs`` (at least one epoch) after which the latent axes are aligned with the mechanism
-        (:meth:`~sams_scvi.module.SAMSModule.align_mechanism`): the latent space is rotated, at no cost to the
-        likelihood, to the basis in which the learned shifts are sparsest, and the masks restart there. ``None``:
-        never (the reference). Only for mechanisms with masks.
+        Instead of ``align_after_updates``: align after this fraction of ``max_epochs`` (at least one epoch), the
+        schedule of sams-scvi 0.2. A longer run then aligns later, after the masks' KL has pruned more.
     align_threshold
         A rotated shift entry restarts with its mask on if it is at least this fraction of its perturbation's
         largest entry (or is needed to keep 90 % of the shift's squared norm).
@@ -90,6 +99,7 @@ class SAMSTrainingPlan(TrainingPlan):
         module,
         *,
         global_lr_factor: float = 1.0,
+        align_after_updates: int | None = None,
         align_at: float | None = None,
         align_threshold: float = 0.3,
         align_mask_logit: float = 8.0,
@@ -99,9 +109,22 @@ class SAMSTrainingPlan(TrainingPlan):
         super().__init__(module, **kwargs)
         if align_at is not None and not 0.0 <= align_at < 1.0:
             raise ValueError(f"`align_at` must be a fraction of the epochs in [0, 1) or None, not {align_at}.")
-        if align_at is not None and not hasattr(module.mechanism, "rotate"):
-            raise ValueError(f"`align_at` needs a mechanism with masks, not {module.mechanism_name!r}; pass None.")
+        if align_after_updates is not None and (
+            isinstance(align_after_updates, bool) or not isinstance(align_after_updates, int) or align_after_updates < 1
+        ):
+            raise ValueError(f"`align_after_updates` must be a positive integer or None, not {align_after_updates!r}.")
+        if align_at is not None and align_after_updates is not None:
+            raise ValueError(
+                "Pass either `align_after_updates` (updates per perturbation) or `align_at` (a fraction of max_epochs), "
+                "not both: set the other to None."
+            )
+        if (align_at is not None or align_after_updates is not None) and not hasattr(module.mechanism, "rotate"):
+            raise ValueError(
+                f"Aligning the axes needs a mechanism with masks, not {module.mechanism_name!r}; pass "
+                "align_after_updates=None."
+            )
         self.global_lr_factor = global_lr_factor
+        self.align_after_updates = align_after_updates
         self.align_at = align_at
         self.align_threshold = align_threshold
         self.align_mask_logit = align_mask_logit
@@ -138,10 +161,26 @@ class SAMSTrainingPlan(TrainingPlan):
             else None
         )
 
+    def updates_per_epoch(self) -> float:
+        """Expected steps per epoch whose minibatch holds a typical perturbation's training cells."""
+        steps = max(int(self.trainer.num_training_batches), 1)
+        n_train = len(self.trainer.datamodule.train_idx)
+        cells = typical_cells_per_perturbation(self.module.train_perturbation_counts.cpu().numpy())
+        return updates_per_epoch(n_train, math.ceil(n_train / steps), cells)
+
+    def alignment_epoch(self) -> int | None:
+        """First epoch trained in the aligned basis (``None``: no alignment)."""
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or (self.align_at is None and self.align_after_updates is None):
+            return None
+        if self.align_at is not None:
+            return max(int(self.align_at * max_epochs), 1)  # after at least one epoch
+        return align_epoch(max_epochs, self.updates_per_epoch(), self.align_after_updates)
+
     def on_train_epoch_start(self) -> None:
-        if self.align_at is None or self.trainer.max_epochs is None:
+        align_epoch = self.alignment_epoch()
+        if align_epoch is None:
             return
-        align_epoch = max(int(self.align_at * self.trainer.max_epochs), 1)  # after at least one epoch
         hold = self.trainer.max_epochs if self.mask_hold is None else int(self.mask_hold * self.trainer.max_epochs)
         release_epoch = align_epoch + max(hold, 0)
         if self.current_epoch == align_epoch:
@@ -154,7 +193,7 @@ class SAMSTrainingPlan(TrainingPlan):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.align_at is not None:
+        if self.align_at is not None or self.align_after_updates is not None:
             self.module.mechanism.mask_logits.requires_grad_(True)
 
     def compute_and_log_metrics(self, loss_output, metrics: dict, mode: str) -> None:

@@ -623,12 +623,20 @@ class SAMSModule(BaseModuleClass):
             loss=loss,
             reconstruction_loss=-log_likelihood.mean(0),
             kl_local={"kl_basal": kl_basal.mean(0), "kl_global_share": kl_global.mean(0)},
-            extra_metrics=(
-                {"mask_active_fraction": (self.mask_logits.detach() > 0).float().mean()}
-                if self.mechanism.has_mask
-                else {}
-            ),
+            extra_metrics=self.mechanism_summary(),
         )
+
+    def mechanism_summary(self) -> dict[str, torch.Tensor]:
+        """What training logs of the mechanism: the fraction of mask entries on (logit > 0), the mean penetrance.
+
+        Their changes over the last quarter of training tell whether the mechanism has settled.
+        """
+        summary = {}
+        if self.mechanism.has_mask:
+            summary["mask_active_fraction"] = (self.mask_logits.detach() > 0).float().mean()
+        if self.models_penetrance:
+            summary["penetrance_mean"] = torch.sigmoid(self.penetrance_logit.detach()).mean()
+        return summary
 
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sams_scvi.model._convergence import tail_epochs, training_convergence
 from sams_scvi.model._utils import _as_positions
 
 from ._utils import finish, new_axes
@@ -172,7 +173,12 @@ def training_history(
     save: str | Path | None = None,
     return_fig: bool = False,
 ):
-    """Curves of a trained model's ``history`` (default: the training and validation ELBO per epoch).
+    """Curves of a trained model's ``history`` with its convergence (default: the training and validation loss).
+
+    ``elbo_*`` entries are scvi-tools' names for the loss, the negative ELBO per cell: lower is better. The last
+    quarter of the run, over which :meth:`~sams_scvi.SAMSVAE.convergence` judges whether training has settled, is
+    shaded, and the title says what has not settled. A jump part way through the default recipe is the alignment
+    of the latent axes (the masks restart in the new basis).
 
     Parameters
     ----------
@@ -190,8 +196,18 @@ def training_history(
     fig, ax, made_here = new_axes(ax, (5.0, 3.5))
     for key in present:
         series = history[key].iloc[:, 0]
-        ax.plot(series.index.to_numpy(), series.to_numpy(), label=key, marker="." if len(series) < 30 else None)
+        label = f"{key.replace('elbo_', '')} loss (negative ELBO)" if key.startswith("elbo_") else key
+        ax.plot(series.index.to_numpy(), series.to_numpy(), label=label, marker="." if len(series) < 30 else None)
+    report = training_convergence(history)
+    if "elbo_train" in history and len(history["elbo_train"]) >= 2:
+        epochs = history["elbo_train"].index.to_numpy()
+        window = epochs[-tail_epochs(len(epochs)) :]
+        ax.axvspan(window[0], window[-1], color="0.9", zorder=0, label="assessed for convergence")
+    unsettled = report.loc[report["settled"].eq(False), "quantity"].tolist()
+    if len(report) and report["settled"].notna().all():
+        ax.set_title("not settled: " + ", ".join(unsettled) if unsettled else "settled", fontsize="medium")
     ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per cell (nats)" if any(key.startswith("elbo_") for key in present) else "value")
     ax.legend(frameon=False)
     return finish(fig, ax, made_here, show, save, return_fig)
 
