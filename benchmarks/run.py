@@ -8,7 +8,8 @@ Run ``python benchmarks/run.py`` (or ``make bench``) for the full benchmark, whi
 On synthetic Poisson counts (gene-specific rates, a few hundred UMIs per cell) shaped like the paper's Replogle
 (1,187 genes, 722 one-hot perturbations) and Norman (5,000 genes, 105 perturbations with doubles) screens, it
 measures, in one process, the median training step (forward, backward, Adam step) of :class:`sams_scvi.SAMSVAE`
-(batch 512, 5 particles, correlated guide) and of :class:`scvi.model.SCVI` with the same layer sizes on
+(batch 512, 5 particles, correlated guide; the default model with penetrance and the paper's without) and of
+:class:`scvi.model.SCVI` with the same layer sizes on
 batch x particles rows, then the time of ``estimate_ate`` (Replogle only), ``get_marginal_ll`` and
 ``predict_perturbation``. Steps reuse one prefetched minibatch, so data loading is not timed.
 """
@@ -146,23 +147,27 @@ def bench_shape(shape: Shape, device: torch.device, warmup: int, steps: int, see
     scvi.settings.seed = seed
     adata = synthetic_adata(shape, seed)
     sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
-    model = sams_scvi.SAMSVAE(
-        adata,
-        n_latent=shape.n_latent,
-        n_hidden=shape.n_hidden,
-        n_layers=shape.n_layers,
-        guide="correlated",
-        mean_field_encoder=False,
-        n_particles=shape.n_particles,
-        embedding_encoder_n_hidden=shape.emb_hidden,
-        embedding_encoder_n_layers=shape.emb_layers,
-        penetrance=False,  # the paper's model, as the reference implementation's; penetrance: benchmarks/NOTES.md
-    )
     design = sparse.csr_matrix(adata.obsm["_scvi_perturbation"])
     counts = np.asarray((design != 0).sum(0)).ravel().astype(np.float32)
-    model.module.train_perturbation_counts.copy_(torch.as_tensor(counts))  # else every global KL share is 0
-    model.to_device(device)
-    model.module.train()
+    models = {}
+    # the default model (penetrance: each perturbed cell is decoded responding and escaping) and the paper's
+    for name, penetrance in (("default", True), ("paper's model", False)):
+        models[name] = sams_scvi.SAMSVAE(
+            adata,
+            n_latent=shape.n_latent,
+            n_hidden=shape.n_hidden,
+            n_layers=shape.n_layers,
+            guide="correlated",
+            mean_field_encoder=False,
+            n_particles=shape.n_particles,
+            embedding_encoder_n_hidden=shape.emb_hidden,
+            embedding_encoder_n_layers=shape.emb_layers,
+            penetrance=penetrance,
+        )
+        models[name].module.train_perturbation_counts.copy_(torch.as_tensor(counts))  # else every KL share is 0
+        models[name].to_device(device)
+        models[name].module.train()
+    model = models["default"]
     adata_scvi = adata.copy()
     scvi.model.SCVI.setup_anndata(adata_scvi)
     reference = scvi.model.SCVI(
@@ -173,42 +178,49 @@ def bench_shape(shape: Shape, device: torch.device, warmup: int, steps: int, see
 
     cells = np.arange(adata.n_obs)
     sams_rows, scvi_rows = shape.batch_size, shape.batch_size * shape.n_particles
-    sams_step = train_step(
-        model.module, first_batch(model, cells, sams_rows, device), torch.optim.Adam(model.module.parameters())
-    )
-    scvi_step = train_step(
+    steps_of = {
+        name: train_step(m.module, first_batch(m, cells, sams_rows, device), torch.optim.Adam(m.module.parameters()))
+        for name, m in models.items()
+    }
+    steps_of["scvi"] = train_step(
         reference.module,
         first_batch(reference, cells, scvi_rows, device),
         torch.optim.Adam(reference.module.parameters()),
     )
     memory = {}
-    for name, step in (("sams", sams_step), ("scvi", scvi_step)):
+    for name, step in steps_of.items():
         reset_peak(device)
         for _ in range(warmup):
             step()
         memory[name] = peak_memory_mb(device)
-    sams_ms, scvi_ms = [], []
-    for _ in range(steps):  # interleaved, so drifting machine load hits both models alike
-        sams_ms.append(timed(sams_step, device))
-        scvi_ms.append(timed(scvi_step, device))
-    sams_median, scvi_median = float(np.median(sams_ms)), float(np.median(scvi_ms))
-    ratio = sams_median / scvi_median
-    print(f"{shape.name}: SAMS step {sams_median:.1f} ms, scVI step {scvi_median:.1f} ms, ratio {ratio:.2f}")
-    step_memory = (
-        f"{memory['sams']:.0f} / {memory['scvi']:.0f}" if device.type == "cuda" else f"{peak_memory_mb(device):.0f}"
-    )
-    rows = [
-        {
-            "shape": shape.name,
-            "measurement": f"train step ({sams_rows} cells x {shape.n_particles} particles vs {scvi_rows} rows)",
-            "SAMS ms": sams_median,
-            "scVI ms": scvi_median,
-            "ratio": ratio,
-            "peak MB": step_memory,
-            "details": f"median of {steps} after {warmup} warm-up; IQR SAMS "
-            f"{np.percentile(sams_ms, 25):.1f}-{np.percentile(sams_ms, 75):.1f} ms",
-        }
-    ]
+    times = {name: [] for name in steps_of}
+    for _ in range(steps):  # interleaved, so drifting machine load hits every model alike
+        for name, step in steps_of.items():
+            times[name].append(timed(step, device))
+    scvi_median = float(np.median(times["scvi"]))
+    rows = []
+    for name in models:
+        sams_median = float(np.median(times[name]))
+        ratio = sams_median / scvi_median
+        print(
+            f"{shape.name}: SAMS ({name}) step {sams_median:.1f} ms, scVI step {scvi_median:.1f} ms, ratio {ratio:.2f}"
+        )
+        step_memory = (
+            f"{memory[name]:.0f} / {memory['scvi']:.0f}" if device.type == "cuda" else f"{peak_memory_mb(device):.0f}"
+        )
+        rows.append(
+            {
+                "shape": shape.name,
+                "measurement": f"train step, {name} ({sams_rows} cells x {shape.n_particles} particles vs {scvi_rows} "
+                "rows)",
+                "SAMS ms": sams_median,
+                "scVI ms": scvi_median,
+                "ratio": ratio,
+                "peak MB": step_memory,
+                "details": f"median of {steps} after {warmup} warm-up; IQR SAMS "
+                f"{np.percentile(times[name], 25):.1f}-{np.percentile(times[name], 75):.1f} ms",
+            }
+        )
 
     model.module.eval()
     model.is_trained_ = True  # the prediction methods refuse untrained models

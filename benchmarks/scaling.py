@@ -57,7 +57,14 @@ def synthetic_screen(n_cells: int, n_perturbations: int, seed: int = 0):
 
 
 def run_one(
-    n_cells: int, n_perturbations: int, steps: int, warmup: int, ate: bool, all_globals: bool, backed: bool = False
+    n_cells: int,
+    n_perturbations: int,
+    steps: int,
+    warmup: int,
+    ate: bool,
+    all_globals: bool,
+    backed: bool = False,
+    batch_size: int = BATCH_SIZE,
 ) -> dict:
     """Train ``steps`` steps on one configuration in this process; returns the measurements.
 
@@ -108,7 +115,7 @@ def run_one(
     model.train(
         max_epochs=1,
         max_steps=steps,
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         train_size=1.0,
         enable_progress_bar=False,
         callbacks=[timer],
@@ -116,7 +123,7 @@ def run_one(
     step = float(np.median(timer.times[warmup:]))
     # from the first timed step's start to the last step's end: steps plus the data loading between them
     loop = (timer.end - timer.starts[warmup]) / (len(timer.times) - warmup)
-    steps_per_epoch = int(np.ceil(n_cells / BATCH_SIZE))
+    steps_per_epoch = int(np.ceil(n_cells / batch_size))
     row = {
         "cells": n_cells,
         "perturbations": n_perturbations,

@@ -74,7 +74,7 @@ def run(dataset: str, seed: int, length: float) -> list[dict]:
     model.train(max_epochs=None if length == 1 else int(round(length * default_epochs)), enable_progress_bar=False)
     seconds = time.perf_counter() - start
     probabilities = model.get_mask_probabilities().to_numpy()
-    report = model.convergence().set_index("quantity")["settled"]
+    report = model.convergence().set_index("quantity")
     ate = model.estimate_ate(singles, progress_bar=False)
     rows.append(
         {
@@ -83,7 +83,8 @@ def run(dataset: str, seed: int, length: float) -> list[dict]:
             "epochs": len(model.history["elbo_train"]),
             "train_seconds": seconds,
             "targets_without_mask": int(((probabilities > 0.5).sum(1) == 0).sum()),
-            "settled": float(report.astype(bool).all()),
+            "objective_change": float(report.loc["objective", "change"]),
+            "settled": float(report["settled"].astype(bool).all()),
         }
     )
     return [{"dataset": dataset, "seed": seed, **row} for row in rows]

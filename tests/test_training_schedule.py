@@ -111,7 +111,7 @@ def test_unconverged_model_warns_where_results_are_read(screen):
     with pytest.warns(UserWarning, match=r"not converged.*max_epochs=4"):
         model.train(max_epochs=2, **TRAIN_KW)
     report = model.convergence()
-    assert set(report["quantity"]) == {"objective", "masks", "penetrance"}
+    assert set(report["quantity"]) == {"objective", "effects", "masks", "penetrance"}
     assert not report.set_index("quantity").loc["objective", "settled"]
     with pytest.warns(UserWarning, match="estimate_ate: Training has not converged"):
         model.estimate_ate(["p0"], n_samples=20, n_posterior_draws=2, progress_bar=False)

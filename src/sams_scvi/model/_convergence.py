@@ -10,15 +10,20 @@ import pandas as pd
 
 # The share of training whose change is assessed.
 TAIL = 0.25
-# Settled: over the last quarter the training objective improved by less than this fraction of its value ...
-OBJECTIVE_TOLERANCE = 0.002
+# Settled: over the last quarter of training the training loss fell by less than this fraction of its value ...
+OBJECTIVE_TOLERANCE = 0.01
+# ... the mean size of the perturbations' latent shifts changed by less than this fraction (effects still growing
+# are predicted shrunk) ...
+EFFECT_TOLERANCE = 0.05
 # ... and the fraction of mask entries on and the mean penetrance moved by less than this.
 MECHANISM_TOLERANCE = 0.01
 
+# name: (history entry, tolerance, how the change is measured, description)
 _QUANTITIES = {
-    "objective": ("elbo_train", OBJECTIVE_TOLERANCE, "relative decrease of the training loss (negative ELBO)"),
-    "masks": ("mask_active_fraction_train", MECHANISM_TOLERANCE, "change of the fraction of mask entries on"),
-    "penetrance": ("penetrance_mean_train", MECHANISM_TOLERANCE, "change of the mean penetrance"),
+    "objective": ("elbo_train", OBJECTIVE_TOLERANCE, "decrease", "relative decrease of the training loss"),
+    "effects": ("shift_magnitude_train", EFFECT_TOLERANCE, "relative", "relative change of the mean latent shift"),
+    "masks": ("mask_active_fraction_train", MECHANISM_TOLERANCE, "absolute", "change of the fraction of masks on"),
+    "penetrance": ("penetrance_mean_train", MECHANISM_TOLERANCE, "absolute", "change of the mean penetrance"),
 }
 
 
@@ -27,14 +32,18 @@ def tail_epochs(n_epochs: int, tail: float = TAIL) -> int:
     return min(n_epochs, max(2, math.ceil(tail * n_epochs)))
 
 
-def _tail_change(values: np.ndarray, relative: bool) -> float:
-    """Change along a least-squares line through the window (less noisy than last minus first)."""
+def _tail_change(values: np.ndarray, kind: str) -> float:
+    """Change along a least-squares line through the window (less noisy than last minus first).
+
+    ``"decrease"``: its decrease relative to the window's mean (a falling loss is progress); ``"relative"``: its
+    size relative to the mean; ``"absolute"``: its size.
+    """
     steps = np.arange(len(values), dtype=float)
-    slope = np.polyfit(steps, values, 1)[0]
-    change = slope * (len(values) - 1)
-    if relative:  # a decrease of the loss is progress
-        return float(-change / max(abs(float(np.mean(values))), 1e-12))
-    return float(abs(change))
+    change = float(np.polyfit(steps, values, 1)[0] * (len(values) - 1))
+    scale = max(abs(float(np.mean(values))), 1e-12)
+    if kind == "decrease":
+        return -change / scale
+    return abs(change) / scale if kind == "relative" else abs(change)
 
 
 def training_convergence(history: dict | None, tail: float = TAIL) -> pd.DataFrame:
@@ -49,13 +58,14 @@ def training_convergence(history: dict | None, tail: float = TAIL) -> pd.DataFra
 
     Returns
     -------
-    One row per quantity the run logged (``objective``; ``masks`` and ``penetrance`` for models that have them):
+    One row per quantity the run logged (``objective``; ``effects``, ``masks`` and ``penetrance`` for models that
+    have them):
     ``key`` (the history entry), ``change`` over the window (for the objective: its relative decrease),
     ``tolerance``, ``settled`` (``change <= tolerance``), ``epochs`` (window length) and ``description``.
     Runs of a single epoch cannot be assessed: ``settled`` is ``NaN``.
     """
     rows = []
-    for name, (key, tolerance, description) in _QUANTITIES.items():
+    for name, (key, tolerance, kind, description) in _QUANTITIES.items():
         series = (history or {}).get(key)
         if series is None or len(series) == 0:
             continue
@@ -75,7 +85,7 @@ def training_convergence(history: dict | None, tail: float = TAIL) -> pd.DataFra
             )
             continue
         window = values[-tail_epochs(len(values), tail) :]
-        change = _tail_change(window, relative=name == "objective")
+        change = _tail_change(window, kind)
         rows.append(
             {
                 "quantity": name,

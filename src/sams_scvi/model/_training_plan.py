@@ -191,6 +191,14 @@ class SAMSTrainingPlan(TrainingPlan):
         held = align_epoch <= self.current_epoch < release_epoch
         self.module.mechanism.mask_logits.requires_grad_(not held)
 
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.module.mechanism.has_shift:
+            # once per epoch: with a correlated guide the point shifts cost a pass of its network over all T
+            self.log(
+                "shift_magnitude_train", self.module.shift_magnitude(), on_epoch=True, sync_dist=self.use_sync_dist
+            )
+
     def on_train_end(self) -> None:
         super().on_train_end()
         if self.align_at is not None or self.align_after_updates is not None:

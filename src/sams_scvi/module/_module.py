@@ -626,6 +626,17 @@ class SAMSModule(BaseModuleClass):
             extra_metrics=self.mechanism_summary(),
         )
 
+    @torch.no_grad()
+    def shift_magnitude(self) -> torch.Tensor:
+        r"""Mean norm of the point shifts :math:`\|\bar m_t \odot \bar e_t\|` of the perturbations with training cells.
+
+        While it still grows, the predicted effects are still growing (an undertrained model predicts them shrunk).
+        """
+        shift = self.mechanism.point()["shift"].reshape(-1, self.n_latent)
+        trained = self.train_perturbation_counts > 0
+        norms = shift.norm(dim=-1)[trained] if bool(trained.any()) else shift.norm(dim=-1)
+        return norms.mean().detach().float()
+
     def mechanism_summary(self) -> dict[str, torch.Tensor]:
         """What training logs of the mechanism: the fraction of mask entries on (logit > 0), the mean penetrance.
 
