@@ -108,6 +108,7 @@ def run(recipe: str, seed: int, epochs: int | None, dataset: str = "tapseq") -> 
         "targets_without_mask": int(((probabilities > 0.5).sum(1) == 0).sum()),
         "objective_change": float(convergence.loc["objective", "change"]),
         "settled": float(convergence["settled"].astype(bool).all()),
+        "unsettled": " ".join(convergence.index[convergence["settled"].eq(False)]),
     }
     training_mean = metrics.observed_ate(adata, indices=split[0], perturbations=singles)
     decomposition = metrics.effect_decomposition(model, indices=split[2], perturbations=singles, n_ate_samples=500)
@@ -139,7 +140,8 @@ def with_noise_free_ceiling(rows: pd.DataFrame, ceiling: str) -> pd.DataFrame:
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean ± standard deviation over seeds of every numeric column, per recipe and predictor."""
-    numeric = [c for c in rows.columns if c not in ("recipe", "seed", "predictor") and rows[c].notna().any()]
+    labels = ("recipe", "seed", "predictor", "unsettled")
+    numeric = [c for c in rows.columns if c not in labels and rows[c].notna().any()]
     rows = rows.astype(dict.fromkeys(numeric, float))
     grouped = rows.groupby(["recipe", "predictor"], sort=False)[numeric]
     mean, sd = grouped.mean(), grouped.std()

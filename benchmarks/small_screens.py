@@ -129,11 +129,13 @@ def main() -> None:
                 "epochs",
                 "train_seconds",
                 "targets_without_mask",
-                "settled",
             ]
             if c in table.columns
         ]
-        tables.append(f"### {DATASETS[dataset][0]}\n\n" + markdown_table(table[keep].reset_index(), index=None))
+        tables.append(
+            f"### {DATASETS[dataset][0]}\n\n"
+            + markdown_table(table[keep].reset_index().rename(columns={"recipe": "screen"}), index=None)
+        )
     Path(args.output).write_text(
         "# Small screens: 3,000 cells, at most 100 per target\n\n"
         f"Produced by `python benchmarks/small_screens.py` (seeds {args.seeds}, mean ± sd over seeds; torch "
@@ -142,9 +144,7 @@ def main() -> None:
         "is trained on that screen with every default (`train()`, `estimate_ate()`) and scored on all the other "
         "cells of those labels, which it never saw, against their observed ATE; the training-cell mean and the "
         "split-half noise ceiling are on the same test cells. `slope` is the least-squares slope through the origin "
-        "of predicted on observed ATE. `settled`: the share of runs that `model.convergence()` judged settled.\n\n"
-        + "\n\n".join(tables)
-        + "\n"
+        "of predicted on observed ATE.\n\n" + "\n\n".join(tables) + "\n"
     )
 
 

@@ -4,14 +4,28 @@ import scvi
 import torch
 
 import sams_scvi
+from sams_scvi.model import _schedule
+
+DEFAULT_BATCH_SIZES = _schedule.BATCH_SIZES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _paper_minibatch():
+    """Train at batch 512 by default: the tests' small screens would otherwise train at 128 (4x the steps per
+    epoch for the epochs they chose); the default minibatch has its own tests, marked ``default_batch``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_schedule, "BATCH_SIZES", (512,))
+        yield
 
 
 @pytest.fixture(autouse=True)
-def _settings():
+def _settings(request, monkeypatch):
     scvi.settings.seed = 0
     scvi.settings.dl_num_workers = 0
     torch.manual_seed(0)
     np.random.seed(0)
+    if request.node.get_closest_marker("default_batch") is not None:
+        monkeypatch.setattr(_schedule, "BATCH_SIZES", DEFAULT_BATCH_SIZES)
     yield
 
 

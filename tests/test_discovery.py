@@ -323,7 +323,10 @@ def test_plots(known, gaussian_screen, tmp_path):
     model = sams_scvi.SAMSVAE(known.adata, n_latent=2, n_hidden=8, likelihood="normal")
     model.train(max_epochs=2, check_val_every_n_epoch=1, enable_progress_bar=False)
     ax = sams_scvi.pl.training_history(model, show=False)
-    assert [line.get_label() for line in ax.get_lines()] == ["elbo_train", "elbo_validation"]
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "train loss (negative ELBO)",
+        "validation loss (negative ELBO)",
+    ]
     with pytest.raises(ValueError, match="history"):
         sams_scvi.pl.training_history(model, keys=["nothing"], show=False)
     obs_before = known.adata.obs.copy()

@@ -269,6 +269,7 @@ def test_evaluate_model_and_baselines_on_a_combination_split(tapseq):
         sams_scvi.evaluate("additive", adata)
 
 
+@pytest.mark.default_batch
 def test_default_training_length(tapseq, monkeypatch):
     """train() without max_epochs or batch_size gives a typical perturbation ~4,000 updates at any screen size."""
     from scvi.model.base import UnsupervisedTrainingMixin

@@ -13,6 +13,7 @@ from sams_scvi.model._convergence import training_convergence
 from sams_scvi.model._schedule import align_epoch
 
 matplotlib.use("Agg")
+pytestmark = pytest.mark.default_batch
 
 TRAIN_KW = {"enable_progress_bar": False}
 

@@ -495,9 +495,9 @@ class BasePerturbationModel(
         Returns
         -------
         One row per quantity: ``objective`` (relative decrease of the training loss over the last quarter of the
-        epochs; settled below 0.2 %), ``masks`` (change of the fraction of mask entries on) and ``penetrance``
-        (change of the mean penetrance; settled below 0.01), with ``change``, ``tolerance``, ``settled`` and the
-        window's ``epochs``.
+        epochs; settled below 1 %), ``effects`` (relative change of the mean norm of the latent shifts; below
+        30 %), ``masks`` (change of the fraction of mask entries on) and ``penetrance`` (change of the mean
+        penetrance; both below 0.03), with ``change``, ``tolerance``, ``settled`` and the window's ``epochs``.
         """
         self._check_if_trained(warn=False)
         return training_convergence(self.history)
