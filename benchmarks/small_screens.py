@@ -133,7 +133,7 @@ def main() -> None:
             if c in table.columns
         ]
         tables.append(
-            f"### {DATASETS[dataset][0]}\n\n"
+            f"## {DATASETS[dataset][0]}\n\n"
             + markdown_table(table[keep].reset_index().rename(columns={"recipe": "screen"}), index=None)
         )
     Path(args.output).write_text(
