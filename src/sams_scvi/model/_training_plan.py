@@ -178,17 +178,17 @@ class SAMSTrainingPlan(TrainingPlan):
         return align_epoch(max_epochs, self.updates_per_epoch(), self.align_after_updates)
 
     def on_train_epoch_start(self) -> None:
-        align_epoch = self.alignment_epoch()
-        if align_epoch is None:
+        first_aligned = self.alignment_epoch()
+        if first_aligned is None:
             return
         hold = self.trainer.max_epochs if self.mask_hold is None else int(self.mask_hold * self.trainer.max_epochs)
-        release_epoch = align_epoch + max(hold, 0)
-        if self.current_epoch == align_epoch:
+        release_epoch = first_aligned + max(hold, 0)
+        if self.current_epoch == first_aligned:
             self.module.align_mechanism(self.align_threshold, self.align_mask_logit)
             for optimizer in self.trainer.optimizers:  # Adam's moments refer to the old basis
                 optimizer.state.clear()
         # set every epoch (not only at the switches), so a run resumed from a checkpoint holds the masks too
-        held = align_epoch <= self.current_epoch < release_epoch
+        held = first_aligned <= self.current_epoch < release_epoch
         self.module.mechanism.mask_logits.requires_grad_(not held)
 
     def on_train_epoch_end(self) -> None:
