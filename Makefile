@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # on newer Pythons pip resolves the newest torch that scvi-tools accepts.
 TORCH_SPEC ?= $(shell $(PYTHON) -c 'import sys; print("torch==2.13.0" if sys.version_info[:2] == (3, 11) else "torch")')
 
-.PHONY: demo test bench docs tutorials tutorials-check test-interop release-check clean
+.PHONY: demo test test-quick bench docs tutorials tutorials-check test-interop release-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# The fast subset while developing (a few minutes): everything but the tests marked slow. `make test` runs all.
+test-quick: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -m "not slow"
 
 # Extras on top of the test environment: documentation, scverse evaluation tools, packaging.
 $(BIN)/.doc: $(BIN)/.installed

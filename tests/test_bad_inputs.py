@@ -1,4 +1,4 @@
-"""A catalogue of bad or unusual inputs (issue 14): each gets a clear error or the right result, and the user's
+"""A catalogue of bad or unusual inputs: each gets a clear error or the right result, and the user's
 AnnData is never changed. One case per input; the message fragment is what tells the user the fix."""
 
 import re

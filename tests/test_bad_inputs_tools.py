@@ -1,4 +1,4 @@
-"""Bad inputs to the metrics, tools, plots, comparison and command line, and the setup cases they share (issue 14):
+"""Bad inputs to the metrics, tools, plots, comparison and command line, and the setup cases they share:
 each gets a clear error or the right result, and the user's AnnData is never changed."""
 
 import matplotlib

@@ -6,6 +6,8 @@ import pytest
 import sams_scvi
 from sams_scvi.cli import main
 
+from .conftest import set_mechanism
+
 
 def test_train_and_predict_on_h5ad(tapseq, tmp_path, capsys):
     path = tmp_path / "screen.h5ad"
@@ -185,3 +187,14 @@ def test_wrong_control_value_fails_before_training(small_h5ad, tmp_path, capsys)
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "'NTC'" in lines[0] and "'control'" in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_screen(gaussian_screen, tmp_path, capsys):
+    model = set_mechanism(gaussian_screen, scale=0.05)
+    model.save(tmp_path / "model", save_anndata=True)
+    output = tmp_path / "screen.csv"
+    assert main(["screen", str(tmp_path / "model"), "--output", str(output), "--n-samples", "100", "--quiet"]) == 0
+    table = pd.read_csv(output, index_col=0)
+    assert len(table) == 13 and "non_additivity_norm" in table.columns
+    assert "p0+p1" not in table.index
+    assert "Wrote 13 pairs" in capsys.readouterr().out

@@ -240,6 +240,7 @@ def test_cli_train_never_overwrites_its_input_or_other_files(tmp_path, capsys):
     assert (data / "adata.h5ad").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cli_evaluate_finds_the_split_cells_by_name_in_reordered_data(tmp_path, capsys):
     adata = _simulated()
     adata.write_h5ad(tmp_path / "screen.h5ad")
@@ -415,7 +416,7 @@ def test_loading_with_a_copy_of_set_up_data_leaves_the_original_usable(trained, 
 
 
 def test_seeded_helpers_restore_the_callers_seed_and_random_state():
-    from sams_scvi.model._utils import _scvi_seed
+    from sams_scvi._utils import _scvi_seed
 
     scvi.settings.seed = 5
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()

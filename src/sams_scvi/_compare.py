@@ -1,4 +1,4 @@
-"""Train every model of the family on one split with fixed seeds and score them like the paper (spec §5, §7)."""
+"""Train every model of the family on one split with fixed seeds and score them like the paper (``docs/models.md``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 from anndata import AnnData
 from scvi.utils import track
 
+from ._utils import _as_positions, _scvi_seed
 from .metrics import evaluate
 from .model import CPAVAE, SAMSVAE, BasePerturbationModel, ConditionalVAE, SVAEPlus
-from .model._utils import _as_positions, _scvi_seed
 
 ModelSpec = tuple[type[BasePerturbationModel], dict, dict]
 
@@ -43,7 +43,7 @@ def compare_models(
     control_value: str = "control",
     delimiter: str = "+",
     subset: Literal["train", "validation", "test", "all"] = "test",
-    baselines: Sequence[str] = ("additive", "mean_perturbed", "control"),
+    baselines: Sequence[str] = ("additive", "mean_perturbed", "control"),  # the order of the table's rows
     max_epochs: int = 100,
     top_k: int = 20,
     n_ate_samples: int = 2500,

@@ -9,8 +9,8 @@ import pandas as pd
 import scvi
 
 from . import data, metrics, pl
+from ._utils import _scvi_seed
 from .model import SAMSVAE
-from .model._utils import _scvi_seed
 
 MIN_HELD_OUT_CELLS = 10  # targets with fewer held-out cells are not scored (their observed ATE is noise)
 

@@ -1,4 +1,4 @@
-"""Argument checks and helpers shared by the model classes and their mixins."""
+"""Argument checks and helpers shared across the package (models, metrics, tools, plots, command line)."""
 
 from __future__ import annotations
 
@@ -263,3 +263,14 @@ def _check_number(name: str, value) -> None:
     """Raise a ``TypeError`` naming the argument unless ``value`` is a real number (not text or a bool)."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"`{name}` must be a number, not {value!r}.")
+
+
+def _as_labels(perturbations) -> list[str]:
+    """Perturbation labels as a list of strings, each once; a single string is one label, not its letters.
+
+    Surrounding spaces are dropped, as the label parser drops them, so that outputs carry the registered label; a
+    repeated label would give repeated rows and obs names.
+    """
+    if isinstance(perturbations, str):
+        return [perturbations.strip()]
+    return list(dict.fromkeys(str(p).strip() for p in perturbations))

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from sams_scvi._defaults import BASELINES, N_LATENT
+
 # Exceptions that, raised while running a verb, mean "the input or the arguments are wrong" rather than "the
 # package has a bug"; they are reported in one line. Anything else keeps Python's traceback.
 _USER_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError)
 
 # The baselines `sams_scvi.metrics.baseline_ate` knows; checked at parse time, since `evaluate` computes them
 # after the (slow) model metrics.
-_BASELINES = ("control", "additive", "mean_perturbed")
+_BASELINES = BASELINES
 
 _MODEL_HELP = "folder written by 'sams-scvi train' (holds model.pt)"
 
@@ -246,7 +248,7 @@ def _train(args: argparse.Namespace) -> None:
         layer=args.layer,
         batch_key=args.batch_key,
     )
-    from .model._utils import _scvi_seed
+    from ._utils import _scvi_seed
 
     # seeded after the checks above, whose errors then come without its log line; main() may be called from Python,
     # so the caller's seed and random states return afterwards
@@ -362,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     -------
     The parser; every verb's subparser sets ``func``, the function that runs it.
     """
-    from .model._prediction import SCREEN_RANKS  # the columns screen_combinations can rank by
+    from .model._ate import SCREEN_RANKS  # the columns screen_combinations can rank by
 
     parser = argparse.ArgumentParser(
         prog="sams-scvi",
@@ -436,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delimiter", default="+", help="separator of the perturbations in a combination label")
     train.add_argument("--layer", default=None, help="layer with the raw counts (default: .X)")
     train.add_argument("--batch-key", default=None, help="column of .obs with batches (default: one batch)")
-    train.add_argument("--n-latent", default=32, type=_positive_int, help="dimension of the latent space")
+    train.add_argument("--n-latent", default=N_LATENT, type=_positive_int, help="dimension of the latent space")
     train.add_argument(
         "--max-epochs",
         default=None,

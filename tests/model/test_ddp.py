@@ -1,4 +1,4 @@
-"""Distributed data-parallel training on CPU (2 processes, gloo), the scvi-tools way (issue 15)."""
+"""Distributed data-parallel training on CPU (2 processes, gloo), the scvi-tools way."""
 
 import json
 import subprocess
@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+pytestmark = pytest.mark.slow  # trains for minutes; `make test-quick` leaves it out
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_train.py"
 
 
 def _history(devices: int, tmp_path: Path) -> dict:

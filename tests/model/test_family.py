@@ -7,7 +7,7 @@ import torch
 import sams_scvi
 from sams_scvi.module import SAMSModule
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 FAMILY = [
     (sams_scvi.SAMSVAE, {"guide": "mean_field", "mean_field_encoder": True}, "additive"),
@@ -125,7 +125,7 @@ def test_conditional_vae_sees_the_treatment_only_through_its_networks():
     torch.testing.assert_close(out["z"], out["z_basal"])
     z = torch.zeros(1, 2, K)
     with_a = module.generative(z, torch.full((1, 2), 100.0), design=torch.tensor([[0.0, 0, 0], [1, 0, 0]]))
-    assert not torch.allclose(with_a["rho"][0, 0], with_a["rho"][0, 1])  # the decoder reads d
+    assert not torch.allclose(with_a["px"].rho[0, 0], with_a["px"].rho[0, 1])  # the decoder reads d
     assert module.global_variational_parameters() == []
 
 

@@ -6,7 +6,9 @@ import scvi
 
 import sams_scvi
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
+
+pytestmark = pytest.mark.slow  # trains for minutes; `make test-quick` leaves it out
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import scanpy as sc
 
 import sams_scvi
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
 def singles_of(adata):
@@ -16,6 +16,7 @@ def singles_of(adata):
     return sorted(set(labels[~labels.str.contains("+", regex=False) & (labels != "control")]))
 
 
+@pytest.mark.slow
 def test_training_improves_elbo(trained_tapseq):
     model, _ = trained_tapseq
     train = model.history["elbo_train"]["elbo_train"].to_numpy()
@@ -26,6 +27,7 @@ def test_training_improves_elbo(trained_tapseq):
     assert model.history["kl_weight"]["kl_weight"].to_numpy().min() == 1.0  # no KL warm-up
 
 
+@pytest.mark.slow
 def test_iwelbo_bounds_elbo(trained_tapseq):
     model, _ = trained_tapseq
     cells = model.validation_indices[:300]
@@ -41,6 +43,7 @@ def test_iwelbo_bounds_elbo(trained_tapseq):
     assert iwelbo >= model.get_elbo(indices=cells, n_samples=50)
 
 
+@pytest.mark.slow
 def test_latents(trained_tapseq):
     model, adata = trained_tapseq
     basal = model.get_latent()
@@ -58,6 +61,7 @@ def test_latents(trained_tapseq):
     assert latent.obsp["connectivities"].shape == (500, 500)
 
 
+@pytest.mark.slow
 def test_predict_perturbation(trained_tapseq):
     model, adata = trained_tapseq
     obs_before, x_before = adata.obs.copy(), adata.X.copy()
@@ -91,6 +95,7 @@ def test_predict_perturbation(trained_tapseq):
         model.predict_perturbation(["NOTAGENE"], indices=sources, progress_bar=False)
 
 
+@pytest.mark.slow
 def test_ate_does_not_depend_on_the_chunking(trained_tapseq):
     """Small chunks (several per block of globals, the last one partial) estimate the same ATE."""
     model, _ = trained_tapseq
@@ -102,10 +107,11 @@ def test_ate_does_not_depend_on_the_chunking(trained_tapseq):
     assert np.mean(np.abs(whole.X - chunked.X) / se < 3.5) > 0.98  # ... the same estimate
 
 
+@pytest.mark.slow
 def test_ate_block_memory_cap_and_sparse_contrasts(trained_tapseq, monkeypatch):
     """Blocks capped to one posterior draw (as for a genome-wide screen) estimate the same ATE; a contrast matrix
     equal to the identity gives exactly the ATEs themselves."""
-    from sams_scvi.model import _prediction
+    from sams_scvi.model import _ate
 
     model, _ = trained_tapseq
     labels = ["CPQ", "CPQ+GATA1", "GATA1"]
@@ -114,13 +120,14 @@ def test_ate_block_memory_cap_and_sparse_contrasts(trained_tapseq, monkeypatch):
     identity = model._ate_posterior(labels, np.eye(3), *args)
     for key in ("ate", "mc_se", "posterior_sd"):
         np.testing.assert_allclose(identity[key], plain[key], rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(_prediction, "_ATE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_ate, "ATE_BLOCK_BYTES", 1)
     capped = model._ate_posterior(labels, None, *args)
     assert not np.array_equal(capped["ate"], plain["ate"])  # blocks of one draw use the random numbers otherwise
     se = np.sqrt(plain["mc_se"] ** 2 + capped["mc_se"] ** 2) + 1e-12
     assert np.mean(np.abs(plain["ate"] - capped["ate"]) / se < 3.5) > 0.98
 
 
+@pytest.mark.slow
 def test_estimate_ate_against_data(trained_tapseq):
     model, adata = trained_tapseq
     ate = model.estimate_ate(n_samples=500, progress_bar=False)
@@ -163,6 +170,7 @@ def test_save_load_roundtrip(trained_tapseq, tmp_path):
         sams_scvi.SAMSVAE.load(tmp_path / "model", adata=adata[:, :10].copy())
 
 
+@pytest.mark.slow
 def test_transfer_to_new_anndata(trained_tapseq):
     model, adata = trained_tapseq
     new = adata[:50].copy()
@@ -213,7 +221,8 @@ def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
     model.module.eval()
     model.is_trained_ = True
     decoded, accumulated = [], []
-    generative, accumulate = model.module.generative, sams_scvi.model._prediction.accumulate_log_normalized
+    likelihoods = sams_scvi.module._likelihoods
+    generative, accumulate = model.module.generative, likelihoods.accumulate_log_normalized
 
     def recording_generative(z, library, covariates=None, design=None):
         decoded.append((z.shape[:2], library.shape, covariates.shape[:2]))
@@ -224,7 +233,7 @@ def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):
         return accumulate(mu, *args)
 
     monkeypatch.setattr(model.module, "generative", recording_generative)
-    monkeypatch.setattr(sams_scvi.model._prediction, "accumulate_log_normalized", recording_accumulate)
+    monkeypatch.setattr(likelihoods, "accumulate_log_normalized", recording_accumulate)
     ate = model.estimate_ate(["CPQ", "STK3"], n_samples=24, n_posterior_draws=4, batch_size=4, progress_bar=False)
     # 4 draws of 6 samples (halves of 3), one draw per block, chunks of at most 4: decoded 4 + 2 per draw; the
     # first chunk holds the first half (3) and one sample of the second, the second chunk the rest of it (2)
@@ -269,6 +278,7 @@ def test_evaluate_model_and_baselines_on_a_combination_split(tapseq):
         sams_scvi.evaluate("additive", adata)
 
 
+@pytest.mark.slow
 @pytest.mark.default_batch
 def test_default_training_length(tapseq, monkeypatch):
     """train() without max_epochs or batch_size gives a typical perturbation ~4,000 updates at any screen size."""

@@ -1,4 +1,4 @@
-"""Checkpoints, resuming, atomic saves, clear load errors and determinism (issue 14)."""
+"""Checkpoints, resuming, atomic saves, clear load errors and determinism."""
 
 import os
 
@@ -11,7 +11,7 @@ from lightning.pytorch import Callback
 
 import sams_scvi
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
 class _Crash(Callback):

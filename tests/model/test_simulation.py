@@ -1,12 +1,14 @@
 """Correctness against ground truth: data simulated from the SAMS generative process itself."""
 
 import numpy as np
+import pytest
 
 import sams_scvi
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
+@pytest.mark.slow
 def test_recovers_true_ates_and_sparse_masks():
     adata = sams_scvi.data.simulate_sams(n_perturbations=10, n_latent=10, effect_size=4.0, seed=0)
     truth = adata.uns["simulation"]

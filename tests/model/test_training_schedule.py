@@ -57,6 +57,7 @@ def _alignment_epochs(adata, monkeypatch, **train_kwargs) -> list[int]:
     return epochs
 
 
+@pytest.mark.slow
 def test_longer_runs_align_at_the_same_point(screen, monkeypatch):
     """Doubling max_epochs leaves the alignment where it was (the 0.2 schedule moved it to half way)."""
     plan = {"align_after_updates": 24}

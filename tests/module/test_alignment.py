@@ -9,7 +9,7 @@ import sams_scvi
 from sams_scvi.module import SAMSModule
 from sams_scvi.module._alignment import active_entries, sparsest_rotation, varimax
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
 def _random_orthogonal(k: int, seed: int) -> np.ndarray:
@@ -54,9 +54,9 @@ def test_rotating_the_latent_space_leaves_predictions_unchanged(guide):
 
     def point_prediction():
         offset = module.latent_offset(design, module.point_globals()["shift"])
-        qz = module.basal_encoder(module.normalize(x), shift=module.offset_projection(offset))
+        qz = module.basal_encoder(module.normalize(x), context=module.offset_projection(offset))
         z = module.compose(qz.loc, offset)
-        return qz.loc, module.generative(z, x.sum(-1))["mu"]
+        return qz.loc, module.generative(z, x.sum(-1))["px"].mu
 
     basal, mu = point_prediction()
     rotation = torch.as_tensor(_random_orthogonal(4, seed=2), dtype=torch.float32)

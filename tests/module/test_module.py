@@ -55,8 +55,10 @@ def test_shapes_for_every_guide_and_encoder(guide, mean_field_encoder, covariate
     assert torch.equal(inference["globals"]["columns"], present) and len(present) < T
     assert inference["globals"]["mask"].shape == (S, len(present), K)
     assert inference["globals"]["kl"].shape == (S, len(present))
-    assert generative["mu"].shape == (S, N, G)
-    assert generative["rho"].sum(-1).allclose(torch.ones(S, N))
+    px = generative["px"]
+    assert px.mean.shape == (S, N, G) and px.batch_shape == (S, N) and px.event_shape == (G,)
+    assert px.rho.sum(-1).allclose(torch.ones(S, N))
+    assert px.log_prob(tensors["X"]).shape == (S, N)
     assert loss.reconstruction_loss["reconstruction_loss"].shape == (N,)
     assert torch.isfinite(loss.loss)
     # control cells (all-zero design rows) have no offset and carry no global KL

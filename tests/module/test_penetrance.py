@@ -8,7 +8,7 @@ import torch
 import sams_scvi
 from sams_scvi.module import SAMSModule
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
 def _module(**kwargs) -> SAMSModule:
@@ -112,6 +112,7 @@ def test_simulator_draws_escapers(escaping_screen):
         sams_scvi.data.simulate_sams(n_perturbations=2, n_genes=5, penetrance=0.0)
 
 
+@pytest.mark.slow
 def test_penetrance_model_recovers_escapers(escaping_screen, tmp_path):
     """The estimated pi_t, each cell's response posterior and the ATE of a model that sums u out."""
     adata = escaping_screen

@@ -8,7 +8,7 @@ from scipy import sparse
 
 import sams_scvi
 
-from .conftest import TRAIN_KW
+from ..conftest import TRAIN_KW
 
 
 def test_log1p_expression_is_a_normalized_draw(small_screen_model):
@@ -20,7 +20,9 @@ def test_log1p_expression_is_a_normalized_draw(small_screen_model):
     assert np.allclose(np.expm1(x.astype(np.float64)).sum(1), 1e4, rtol=1e-4)  # rows scaled to 1e4 before the log
     assert not np.allclose(x, np.round(x))  # not integers, so cell-eval does not normalise it again
     # a predictive draw, not a mean: two seeds give different cells
-    other = model.predict_perturbation(["control", "p0"], indices=controls, expression="log1p", seed=1, progress_bar=False)
+    other = model.predict_perturbation(
+        ["control", "p0"], indices=controls, expression="log1p", seed=1, progress_bar=False
+    )
     assert not np.allclose(x, other.X)
 
 
@@ -106,13 +108,15 @@ def test_one_draw_per_cell_picks_one_posterior_sample_per_cell():
 
     torch.manual_seed(0)
     n_draws, n_cells = 4, 50
+    from sams_scvi.module._likelihoods import CountLikelihood
+
     mu = torch.arange(n_draws, dtype=torch.float32).reshape(n_draws, 1, 1, 1).expand(n_draws, n_cells, 2, 3)
     theta = torch.ones(3)
-    picked = _one_draw_per_cell({"mu": mu, "theta": theta}, n_cells)
-    assert picked["mu"].shape == (n_cells, 2, 3) and picked["theta"] is theta
-    draws = picked["mu"][:, 0, 0]
+    picked = _one_draw_per_cell(CountLikelihood(mu / mu.sum(-1, keepdim=True).clamp(min=1), mu, theta), n_cells)
+    assert picked.mu.shape == (n_cells, 2, 3) and picked.batch_shape == (n_cells, 2) and picked.theta is theta
+    draws = picked.mu[:, 0, 0]
     assert set(draws.tolist()) == set(range(n_draws))  # cells come from different posterior samples
-    assert torch.all(picked["mu"] == draws[:, None, None])  # one sample per cell, for all its labels and genes
+    assert torch.all(picked.mu == draws[:, None, None])  # one sample per cell, for all its labels and genes
 
 
 def test_prediction_pair_errors_name_the_fix(small_screen_model):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import rich
 from scipy import sparse
-from scvi.data.fields import BaseAnnDataField, MuDataWrapper
+from scvi.data.fields import BaseAnnDataField, CategoricalObsField, MuDataWrapper
 
 from ._label_checks import control_like, guide_number_warning
 
@@ -416,3 +416,26 @@ class PerturbationField(BaseAnnDataField):
 
 
 MuDataPerturbationField = MuDataWrapper(PerturbationField)
+
+
+class PerturbationLabelsField(CategoricalObsField):
+    """The perturbation labels as scvi-tools' ``labels``, which its criticism groups cells by.
+
+    No network reads them. Data the model has not seen may carry labels it has not seen (an untested
+    combination, a new perturbation), so a transfer adds their categories instead of refusing them.
+    """
+
+    def register_field(self, adata) -> dict:
+        with warnings.catch_warnings():
+            # scvi-tools warns of categories with fewer than 3 cells; rare combinations are the rule in a screen,
+            # and the perturbation field has already checked the labels
+            warnings.filterwarnings("ignore", message=".*has fewer than 3 cells", category=UserWarning)
+            return super().register_field(adata)
+
+    def transfer_field(self, state_registry: dict, adata_target, **kwargs) -> dict:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*has fewer than 3 cells", category=UserWarning)
+            return super().transfer_field(state_registry, adata_target, **{**kwargs, "extend_categories": True})
+
+
+MuDataPerturbationLabelsField = MuDataWrapper(PerturbationLabelsField)

@@ -10,8 +10,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from sams_scvi._utils import _as_positions, _layer
 from sams_scvi.metrics._utils import check_unique_names, obs_labels, unique_labels
-from sams_scvi.model._utils import _as_positions, _layer
 
 
 def perturbseq_scale(x, target_sum: float = 1e4, log: Literal["log2", "log1p", "none"] = "log2") -> np.ndarray:
@@ -207,7 +207,7 @@ def ate_pearson(
     top_k: int | None = None,
     perturbations: Sequence[str] | None = None,
 ) -> float:
-    """Pearson correlation of predicted and observed ATEs, pooled over perturbations x genes (spec §5.2).
+    """Pearson correlation of predicted and observed ATEs, pooled over perturbations x genes (the paper's metric).
 
     Parameters
     ----------

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sams_scvi._utils import _layer
 from sams_scvi.metrics._ate import observed_ate
 from sams_scvi.metrics._splits import _atoms
 from sams_scvi.metrics._utils import obs_labels, unique_labels
-from sams_scvi.model._utils import _layer
 
 
 def baseline_ate(

@@ -10,11 +10,11 @@ import pandas as pd
 from anndata import AnnData
 from scvi.utils import track
 
+from sams_scvi._utils import _as_positions, _check_seed
 from sams_scvi.metrics._ate import ate_metrics, ate_metrics_per_perturbation, observed_ate
 from sams_scvi.metrics._baselines import baseline_ate
 from sams_scvi.metrics._noise import random_halves
 from sams_scvi.metrics._utils import obs_labels
-from sams_scvi.model._utils import _as_positions, _check_seed
 
 SUBSETS = ("train", "validation", "test", "all")
 
@@ -38,7 +38,7 @@ def evaluate(
     progress_bar: bool = True,
     layer: str | None = None,
 ) -> pd.DataFrame:
-    """Evaluate a trained model or a baseline on a split, with the paper's protocol (spec §5).
+    """Evaluate a trained model or a baseline on a split, with the paper's protocol (``docs/models.md``).
 
     For each subset of cells (``train``, ``validation``, ``test``, and ``all`` = their union):
 

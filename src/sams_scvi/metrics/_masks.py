@@ -15,8 +15,8 @@ def mask_recovery(
     """Precision, recall and F1 of learned masks under the best matching of latent dimensions.
 
     Latent dimensions are only identified up to a permutation, so learned dimensions are matched one to one to
-    true dimensions by the Hungarian algorithm, maximising the number of shared active entries (spec §3.2,
-    ``analysis/simulation_metrics.py``). Learned dimensions left unmatched count their active entries as false
+    true dimensions by the Hungarian algorithm, maximising the number of shared active entries (as the paper's
+    simulation metrics do). Learned dimensions left unmatched count their active entries as false
     positives; unmatched true dimensions count theirs as false negatives.
 
     Parameters

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sams_scvi._utils import _as_positions, _check_seed
 from sams_scvi.metrics._ate import _slope, _slope_rows, observed_ate
 from sams_scvi.metrics._utils import check_unique_names, unique_labels
-from sams_scvi.model._utils import _as_positions, _check_seed
 
 STAGES = ("fitted", "counterfactual", "ate_control", "ate")
 
@@ -110,7 +110,7 @@ def effect_decomposition(
     if len(controls) == 0:
         raise ValueError("`indices` holds no control cells.")
 
-    scale = "none" if model.module.likelihood == "normal" else "log2"  # the scale of the model's estimate_ate
+    scale = "log2" if model.module.px_class.has_counts else "none"  # the scale of the model's estimate_ate
     layer = setup.get("layer") or setup.get("rna_layer")
     observed = observed_ate(adata, key, control, perturbations, indices=indices, layer=layer, scale=scale).to_df()
     latent = _latent_split(model, indices, labels, control, perturbations)

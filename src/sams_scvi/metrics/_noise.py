@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sams_scvi._utils import _as_positions, _check_seed
 from sams_scvi.metrics._ate import ate_metrics, observed_ate
 from sams_scvi.metrics._utils import obs_labels, unique_labels
-from sams_scvi.model._utils import _as_positions, _check_seed
 
 
 def random_halves(cells: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Combination splits of the paper's Norman tasks, for any screen with combinations (spec §5.3)."""
+"""Combination splits of the paper's Norman tasks, for any screen with combinations (``docs/models.md``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Literal
 import numpy as np
 from anndata import AnnData
 
+from sams_scvi._utils import _check_seed
 from sams_scvi.metrics._utils import obs_labels
-from sams_scvi.model._utils import _check_seed
 
 
 def _atoms(label: str, control_value: str, delimiter: str) -> list[str]:

@@ -1,6 +1,7 @@
 """User-facing models of :mod:`sams_scvi`: SAMS-VAE and the paper's comparison models."""
 
 from ._base import BasePerturbationModel
+from ._convergence import tail_epochs, training_convergence
 from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
 from ._model_file import UnsafeModelFileError
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
@@ -20,5 +21,7 @@ __all__ = [
     "default_max_epochs",
     "ensemble_ate",
     "ensemble_screen",
+    "tail_epochs",
+    "training_convergence",
     "updates_per_epoch",
 ]

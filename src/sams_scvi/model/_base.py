@@ -30,26 +30,7 @@ from scvi.utils import setup_anndata_dsp
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 from sams_scvi._logging import logger, quiet_dependencies
-from sams_scvi.data._label_checks import control_candidates, label_warnings
-from sams_scvi.data._perturbation_field import (
-    MuDataPerturbationField,
-    PerturbationField,
-    label_text,
-    parse_perturbations,
-)
-from sams_scvi.module import SAMSModule
-
-from ._checkpoint import InterruptWatch, ResumableCheckpoint, checkpoint_settings, settings_differences
-from ._convergence import training_convergence, warn_if_unsettled
-from ._cpu_memory import flush_denormals, reuse_freed_memory
-from ._data_splitter import SAMSDataSplitter
-from ._expression import ExpressionMixin
-from ._mechanism import MechanismMixin
-from ._prediction import PredictionMixin
-from ._save_load import SaveLoadMixin
-from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
-from ._training_plan import SAMSTrainingPlan
-from ._utils import (
+from sams_scvi._utils import (
     _as_positions,
     _check_counts,
     _check_finite,
@@ -58,9 +39,31 @@ from ._utils import (
     _check_obs_keys,
     _check_positive,
     _layer,
-    _seeded,
     _warn_duplicate_genes,
 )
+from sams_scvi.data._label_checks import control_candidates, label_warnings
+from sams_scvi.data._perturbation_field import (
+    MuDataPerturbationField,
+    MuDataPerturbationLabelsField,
+    PerturbationField,
+    PerturbationLabelsField,
+    label_text,
+    parse_perturbations,
+)
+from sams_scvi.module import SAMSModule
+
+from ._ate import TreatmentEffectMixin
+from ._checkpoint import InterruptWatch, ResumableCheckpoint, checkpoint_settings, settings_differences
+from ._convergence import training_convergence, warn_if_unsettled
+from ._cpu_memory import flush_denormals, reuse_freed_memory
+from ._data_splitter import SAMSDataSplitter
+from ._expression import ExpressionMixin
+from ._latent import LatentMixin
+from ._mechanism import MechanismMixin
+from ._prediction import PredictionMixin
+from ._save_load import SaveLoadMixin
+from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
+from ._training_plan import SAMSTrainingPlan
 
 
 def _check_perturbation_key(perturbation_key) -> None:
@@ -111,8 +114,10 @@ def _registration_copy(adata: AnnData) -> AnnData:
 class BasePerturbationModel(
     SaveLoadMixin,
     MechanismMixin,
+    TreatmentEffectMixin,
     PredictionMixin,
     ExpressionMixin,
+    LatentMixin,
     VAEMixin,
     UnsupervisedTrainingMixin,
     BaseModelClass,
@@ -231,6 +236,7 @@ class BasePerturbationModel(
                 dosage_key,
                 encode_combinations,
             ),
+            PerturbationLabelsField(SAMS_REGISTRY_KEYS.LABELS_KEY, perturbation_key),
             CategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(SAMS_REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
@@ -285,6 +291,9 @@ class BasePerturbationModel(
                 encode_combinations,
                 mod_key=modalities.perturbation_key,
             ),
+            MuDataPerturbationLabelsField(
+                SAMS_REGISTRY_KEYS.LABELS_KEY, perturbation_key, mod_key=modalities.perturbation_key
+            ),
             MuDataCategoricalObsField(SAMS_REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key),
             MuDataCategoricalJointObsField(
                 SAMS_REGISTRY_KEYS.CAT_COVS_KEY,
@@ -301,6 +310,10 @@ class BasePerturbationModel(
             # a copy of set-up data carries the original's id; registering it under that id would take the original's
             # registration away ("Did you make a copy?" on the next model built on the original)
             _assign_adata_uuid(data, overwrite=True)
+        source = kwargs.get("source_registry")
+        if source is not None and SAMS_REGISTRY_KEYS.LABELS_KEY not in source.get("field_registries", {}):
+            # a model saved before the labels were registered: its data is set up as it was then
+            fields = [field for field in fields if field.registry_key != SAMS_REGISTRY_KEYS.LABELS_KEY]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(data, **kwargs)
         state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
@@ -340,7 +353,7 @@ class BasePerturbationModel(
         reuse_cpu_memory: bool = True,
         **trainer_kwargs,
     ):
-        """Train with Adam on the plated ELBO (spec §3).
+        """Train with Adam on the plated ELBO (``docs/model.md``).
 
         Parameters
         ----------
@@ -674,131 +687,3 @@ class BasePerturbationModel(
         codes = np.concatenate(codes, axis=1)
         cells = np.random.randint(0, codes.shape[0], size=int(np.prod(shape)))
         return torch.as_tensor(codes[cells].reshape(*shape, codes.shape[1]), device=self.device)
-
-    # ------------------------------------------------------------------ latent space
-    @torch.inference_mode()
-    def get_latent(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        representation: Literal["basal", "perturbed"] = "basal",
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Posterior-mean latent state of each cell, shape (cells, n_latent).
-
-        ``"basal"`` is :math:`E[z_b \\mid x]`, the cell without its perturbation; ``"perturbed"`` adds the
-        cell's offset :math:`d_i (M \\odot E)` (the two coincide for the conditional VAE, which has no latent
-        shift). Globals are at their posterior point estimate (mask mode,
-        embedding mean), so the result is deterministic.
-        """
-        if representation not in ("basal", "perturbed"):
-            raise ValueError("`representation` must be 'basal' or 'perturbed'.")
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        globals_ = self.module.point_globals()
-        latents = []
-        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-            out = self.module.infer_cells(tensors, globals_)
-            z = out["basal_mean"][0]  # one particle: the globals are at their point estimate
-            if representation == "perturbed":
-                z = self.module.compose(z, out["offset"][0])
-            latents.append(z.cpu().numpy())
-        return np.concatenate(latents)
-
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        **kwargs,
-    ) -> np.ndarray:
-        """Basal latent representation (as :meth:`get_latent` with ``representation="basal"``)."""
-        if kwargs.get("give_mean", True) is False or kwargs.get("return_dist", False):
-            raise NotImplementedError(f"{type(self).__name__} returns posterior means; use get_latent.")
-        return self.get_latent(adata, indices, representation="basal", batch_size=batch_size)
-
-    # ------------------------------------------------------------------ likelihood bounds
-    @torch.inference_mode()
-    def get_elbo(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        n_samples: int = 5,
-        seed: int | None = 0,
-        **kwargs,
-    ) -> float:
-        """Evidence lower bound per cell (nats; higher is better), global KL terms included.
-
-        :math:`\\frac{1}{n}\\big[\\sum_i E_q(\\log p(x_i \\mid z_i) + \\log p(z^b_i) - \\log q(z^b_i))
-        - \\sum_{t \\text{ present}} \\mathrm{KL}_t\\big]`, with ``n_samples`` global samples shared by all cells.
-        """
-        _check_positive("n_samples", n_samples, integer=True)
-        n_samples = int(n_samples)
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        local_terms, present = [], None
-        with _seeded(seed, self.device):
-            globals_ = self.module.sample_globals(n_samples)
-            for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-                log_w = self._log_weights(tensors, globals_)
-                local_terms.append(log_w.mean(0).cpu())
-                seen = (tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY] != 0).any(0).cpu()
-                present = seen if present is None else present | seen
-        local = torch.cat(local_terms)
-        global_kl = globals_["kl"].mean(0).cpu()[present].sum()
-        return float(local.mean() - global_kl / len(local))
-
-    @torch.inference_mode()
-    def get_marginal_ll(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        n_mc_samples: int = 100,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        seed: int | None = 0,
-        n_samples_per_pass: int = 25,
-        **kwargs,
-    ) -> float | np.ndarray:
-        """Importance-weighted ELBO (the paper's IWELBO) of held-out cells, in nats per cell.
-
-        The globals are drawn once from :math:`q` (``n_mc_samples`` samples) and shared by all cells; only the
-        basal state is importance-weighted: :math:`\\log \\frac{1}{S}\\sum_s \\exp[\\log p(x \\mid z^{(s)})
-        + \\log p(z^{b(s)}) - \\log q(z^{b(s)} \\mid \\cdot)]` (spec §5.1). Samples are decoded
-        ``n_samples_per_pass`` at a time, so memory is bounded by ``n_samples_per_pass x batch_size x genes``.
-        Returns the mean over cells, or per-cell values (``return_mean=False``).
-        """
-        _check_positive("n_mc_samples", n_mc_samples, integer=True)
-        _check_positive("n_samples_per_pass", n_samples_per_pass, integer=True)
-        n_mc_samples, n_samples_per_pass = int(n_mc_samples), int(n_samples_per_pass)
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        values = []
-        with _seeded(seed, self.device):
-            globals_ = self.module.sample_globals(n_mc_samples)
-            for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-                log_w = torch.cat(
-                    [
-                        self._log_weights(
-                            tensors, {k: v[start : start + n_samples_per_pass] for k, v in globals_.items()}
-                        )
-                        for start in range(0, n_mc_samples, n_samples_per_pass)
-                    ]
-                )
-                values.append((torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).cpu().numpy())
-        values = np.concatenate(values)
-        return float(values.mean()) if return_mean else values
-
-    def _log_weights(self, tensors: dict[str, torch.Tensor], globals_: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-particle local log-weights :math:`\\log p(x \\mid z) + \\log p(z_b) - \\log q(z_b)`, shape (S, n)."""
-        inference_outputs, generative_outputs = self.module(
-            tensors, inference_kwargs={"global_samples": globals_}, compute_loss=False
-        )
-        log_likelihood, kl_basal = self.module.local_terms(tensors, inference_outputs, generative_outputs)
-        branches = inference_outputs.get("branches")
-        if branches is None:
-            return log_likelihood - kl_basal
-        # p(x) = sum_u pi(u) p(x | u), each p(x | u) importance-sampled by its own q(z_b | x, u)
-        n_cells = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].shape[0]
-        return self.module.combine_branches(log_likelihood - kl_basal, branches, n_cells)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scvi.dataloaders import DataSplitter
 
-from ._utils import _as_positions
+from sams_scvi._utils import _as_positions
 
 
 class SAMSDataSplitter(DataSplitter):

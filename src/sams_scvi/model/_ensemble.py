@@ -10,7 +10,7 @@ from anndata import AnnData
 from scipy import stats
 from scvi.utils import track
 
-from ._utils import _as_positions, _check_number, _check_seed, _scvi_seed
+from sams_scvi._utils import _as_positions, _check_number, _check_seed, _scvi_seed
 
 
 def bootstrap_models(
@@ -162,7 +162,7 @@ def ensemble_screen(
     the same AnnData, ranked by ``rank_by``, with ``posterior_sd`` and ``non_additivity_posterior_sd`` holding the
     total sd.
     """
-    from ._prediction import check_rank_by, screen_table
+    from ._ate import check_rank_by, screen_table
 
     _check_ensemble(models, credible_level)
     check_rank_by(rank_by)

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scipy import stats
 from scvi.model.base import RNASeqMixin, VAEMixin
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._utils import _as_positions, _check_positive, _seeded
 
 from ._convergence import warn_if_unsettled
-from ._utils import _as_positions, _check_positive, _seeded
 
 
 class ExpressionMixin:
@@ -23,9 +24,10 @@ class ExpressionMixin:
 
     scvi-tools' :class:`~scvi.model.base.RNASeqMixin` reads the module's ``forward`` outputs (a ``px``
     distribution per cell); SAMS-VAE's module returns one row per response pattern under penetrance and needs the
-    globals, so the expression is computed here, and scvi-tools' differential-expression machinery
-    (:meth:`~scvi.model.base.RNASeqMixin.differential_expression`, its change and Bayes-factor modes, FDR control
-    and statistics) runs on it unchanged.
+    globals, so the expression is computed here from :meth:`SAMSModule.infer_cells
+    <sams_scvi.module.SAMSModule.infer_cells>` (one response pattern drawn per cell) and the module's ``px``, and
+    scvi-tools' differential-expression machinery (its change and Bayes-factor modes, FDR control and statistics)
+    and criticism (:class:`scvi.criticism.PosteriorPredictiveCheck`) run on it unchanged.
     """
 
     @torch.inference_mode()
@@ -86,7 +88,10 @@ class ExpressionMixin:
         """
         if weights not in (None, "uniform"):
             raise NotImplementedError(
-                f"{self._display_name} has no importance weights for expression; use weights=None."
+                f"{self._display_name} has no importance weights for expression: scvi-tools weighs each sample by "
+                "p(x, z) / q(z | x) of one cell, but here the globals (masks, embeddings) are shared by every cell, "
+                "so a sample's weight is not a per-cell quantity. Use weights=None (and importance_weighting=False "
+                "in differential_expression)."
             )
         if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError("`n_samples` must be a positive integer.")
@@ -103,34 +108,20 @@ class ExpressionMixin:
             n_samples = n_samples_overall // max(len(positions), 1) + 1
         batches = self._batch_codes(adata, transform_batch)
         genes = self._gene_names
-        if isinstance(gene_list, str):  # one gene, not its letters
-            gene_list = [gene_list]
-        gene_mask = np.ones(len(genes), bool) if gene_list is None else genes.isin(list(gene_list))
-        unknown = [] if gene_list is None else [g for g in gene_list if g not in set(genes)]
-        if unknown:
-            raise KeyError(
-                f"`gene_list` has {len(unknown)} genes the model was not trained on (e.g. {unknown[:5]}); pass names "
-                f"from the training data's var_names (e.g. {list(genes[:3])})."
-            )
+        gene_mask = self._gene_mask(gene_list)
         blocks = []
         with _seeded(seed, self.device):
             for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
                 globals_ = self.module.sample_globals(n_samples, with_kl=False)
-                out = self.module.infer_cells(tensors, globals_)
+                cells = self.module.infer_cells(tensors, globals_)
                 covariates = self.module.covariate_codes(tensors)
+                scale = None if library_size == "latent" else float(library_size)
                 per_batch = []
                 for batch in batches:
-                    codes = covariates
-                    if batch is not None:
-                        codes = covariates.clone()
-                        codes[:, 0] = batch
-                    library = out["library"] if library_size == "latent" else torch.ones_like(out["library"])
-                    gen = self.module.generative(out["z"], library, codes, design=self._cell_design(tensors))
-                    if self.module.likelihood == "normal":
-                        values = gen["mean"]
-                    else:
-                        values = gen["mu"] if library_size == "latent" else gen["rho"] * float(library_size)
-                    per_batch.append(values[..., gene_mask])
+                    px = self.module.generative(
+                        cells["z"], cells["library"], covariates, self._cell_design(tensors), transform_batch=batch
+                    )["px"]
+                    per_batch.append(px.expression(scale)[..., gene_mask])
                 blocks.append(torch.stack(per_batch).mean(0).cpu().numpy())  # (S, n, G)
             values = np.concatenate(blocks, axis=1)
             if n_samples_overall is not None:  # inside the seeded block: reproducible with `seed`
@@ -145,6 +136,150 @@ class ExpressionMixin:
         if return_numpy:
             return values
         return pd.DataFrame(values, index=adata.obs_names[positions], columns=genes[gene_mask])
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Sequence[int | str] | int | str | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        silent: bool = True,
+        seed: int | None = None,
+    ):
+        r"""Draws from the posterior predictive :math:`p(\hat x \mid x)`, one row per cell, as scvi-tools returns them.
+
+        Per sample: the globals from :math:`q`, the cell's basal state (and, under penetrance, its response
+        pattern) from their posterior, and counts (``likelihood="normal"``: values) from :math:`p(x \mid z)` at the
+        cell's observed library. This is what :class:`scvi.criticism.PosteriorPredictiveCheck` compares with the
+        data (``docs/user_guide.md``, "Criticise a fitted model").
+
+        Parameters
+        ----------
+        adata, indices
+            Cells (default: all registered cells).
+        transform_batch
+            Batches to decode every cell in (categories or codes), averaged; default, each cell's own.
+        n_samples
+            Draws per cell.
+        gene_list
+            Genes to return (default: all).
+        batch_size
+            Cells per minibatch.
+        silent
+            No progress bar (there is none here; for scvi-tools' signature).
+        seed
+            Seed of the sampling (``None``: the global random state).
+
+        Returns
+        -------
+        A :class:`sparse.GCXS` array (cells, genes), or (cells, genes, n_samples) when ``n_samples > 1``.
+        """
+        import sparse
+
+        _check_positive("n_samples", n_samples, integer=True)
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        positions = np.arange(adata.n_obs) if indices is None else _as_positions(adata, indices)
+        gene_mask = self._gene_mask(gene_list)
+        draws = []
+        with _seeded(seed, self.device):
+            for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
+                per_batch = [
+                    self.module.sample(tensors, int(n_samples), generative_kwargs={"transform_batch": batch})
+                    for batch in self._batch_codes(adata, transform_batch)
+                ]
+                draws.append(torch.stack(per_batch).mean(0)[:, gene_mask].numpy())
+        return sparse.GCXS.from_numpy(np.concatenate(draws))
+
+    @torch.inference_mode()
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+        seed: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of :math:`p(x \\mid z)` for each cell, in its own perturbed state, as scvi-tools returns them.
+
+        ``likelihood="nb"``: ``"mean"`` (the NB mean at the cell's library) and ``"dispersions"`` (the inverse
+        dispersion :math:`\theta`); ``"normal"``: ``"mean"`` and ``"scale"``. Each (cells, genes), or
+        (n_samples, cells, genes) with ``n_samples > 1`` unless ``give_mean``, which averages over the samples.
+        """
+        _check_positive("n_samples", n_samples, integer=True)
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        blocks: dict[str, list[np.ndarray]] = {}
+        with _seeded(seed, self.device):
+            for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+                cells = self.module.infer_cells(tensors, self.module.sample_globals(int(n_samples), with_kl=False))
+                px = self.module.generative(
+                    cells["z"], cells["library"], self.module.covariate_codes(tensors), self._cell_design(tensors)
+                )["px"]
+                for name, value in px.likelihood_parameters().items():
+                    blocks.setdefault(name, []).append(value.cpu().numpy())
+        parameters = {name: np.concatenate(values, axis=1) for name, values in blocks.items()}
+        if give_mean or n_samples == 1:
+            return {name: value.mean(0) for name, value in parameters.items()}
+        return parameters
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        transform_batch: Sequence[int | str] | int | str | None = None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        seed: int | None = 0,
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of the decoded expression over cells and posterior samples (genes x genes).
+
+        As scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.get_feature_correlation_matrix`, from ``n_samples``
+        draws of each cell's expression proportions (:meth:`get_normalized_expression`), averaged over the
+        ``transform_batch`` batches; without scvi-tools' extra Gamma noise on those proportions.
+        """
+        if correlation_type not in ("spearman", "pearson"):
+            raise ValueError("`correlation_type` must be 'spearman' or 'pearson'.")
+        adata = self._validate_anndata(adata)
+        matrices = []
+        for batch in self._batch_codes(adata, transform_batch):
+            samples = self.get_normalized_expression(
+                adata,
+                indices,
+                transform_batch=batch,
+                n_samples=n_samples,
+                batch_size=batch_size,
+                return_mean=False,
+                return_numpy=True,
+                seed=seed,
+            )
+            flat = np.asarray(samples).reshape(-1, samples.shape[-1])
+            if correlation_type == "pearson":
+                matrices.append(np.corrcoef(flat, rowvar=False))
+            else:
+                matrices.append(stats.spearmanr(flat).statistic)
+        genes = self._gene_names
+        return pd.DataFrame(np.mean(matrices, axis=0), index=genes.copy(), columns=genes.copy())
+
+    def _gene_mask(self, gene_list: Sequence[str] | str | None) -> np.ndarray:
+        """Boolean mask of the model's genes in ``gene_list`` (all by default); unknown genes raise a ``KeyError``."""
+        genes = self._gene_names
+        if isinstance(gene_list, str):  # one gene, not its letters
+            gene_list = [gene_list]
+        if gene_list is None:
+            return np.ones(len(genes), bool)
+        unknown = [g for g in gene_list if g not in set(genes)]
+        if unknown:
+            raise KeyError(
+                f"`gene_list` has {len(unknown)} genes the model was not trained on (e.g. {unknown[:5]}); pass names "
+                f"from the training data's var_names (e.g. {list(genes[:3])})."
+            )
+        return genes.isin(list(gene_list))
 
     def _cell_design(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(self.device)

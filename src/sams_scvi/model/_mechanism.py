@@ -12,8 +12,10 @@ from anndata import AnnData
 from scipy.cluster import hierarchy
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._utils import _as_positions, _check_number, _check_positive, _latent_names, _seeded
 
-from ._utils import _as_positions, _check_number, _check_positive, _latent_names, _seeded
+# values decoded at once when the effects of latent steps are computed (cells x steps x genes)
+STEP_VALUES_PER_CHUNK = 2**22
 
 
 class MechanismMixin:
@@ -314,20 +316,19 @@ class MechanismMixin:
             raise ValueError("`n_cells` must be a positive integer.")
         with _seeded(seed, self.device):
             basal, covariates = self._reference_basal_states(n_cells)
-        normal = self.module.likelihood == "normal"
 
         def mean_expression(z: torch.Tensor) -> torch.Tensor:  # (n, R, K) -> (R, G)
             codes = None if covariates is None else covariates[:, None, :].expand(-1, z.shape[1], -1)
-            gen = self.module.generative(z, torch.ones(z.shape[:2], device=z.device), codes, design=None)
-            return gen["mean"].mean(0) if normal else gen["rho"].mean(0).log2()
+            px = self.module.generative(z, torch.ones(z.shape[:2], device=z.device), codes)["px"]
+            return px.log_expression(dim=0)
 
         reference = mean_expression(basal[:, None, :])
-        per_chunk = max(1, 2**22 // max(len(basal) * self.module.n_input, 1))
+        per_chunk = max(1, STEP_VALUES_PER_CHUNK // max(len(basal) * self.module.n_input, 1))
         effects = [
             mean_expression(basal[:, None, :] + steps[start : start + per_chunk]) - reference
             for start in range(0, len(steps), per_chunk)
         ]
-        scale = "difference of decoded means" if normal else "log2 fold change of mean expression"
+        scale = self.module.px_class.effect_scale
         return torch.cat(effects).cpu().numpy(), scale
 
     def _reference_basal_states(self, n_cells: int) -> tuple[torch.Tensor, torch.Tensor | None]:

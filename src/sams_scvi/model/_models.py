@@ -16,6 +16,8 @@ from typing import Literal
 
 from anndata import AnnData
 
+from sams_scvi._defaults import N_HIDDEN, N_LATENT, N_LAYERS, N_PARTICLES
+
 from ._base import BasePerturbationModel
 from ._recipes import resolve_recipe
 
@@ -84,14 +86,14 @@ class SAMSVAE(BasePerturbationModel):
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        n_latent: int = 32,
-        n_hidden: int = 400,
-        n_layers: int = 1,
+        n_latent: int = N_LATENT,
+        n_hidden: int = N_HIDDEN,
+        n_layers: int = N_LAYERS,
         mask_prior_prob: float = 0.01,
         embedding_prior_scale: float = 1.0,
         guide: Literal["correlated", "mean_field"] = "correlated",
         mean_field_encoder: bool = False,
-        n_particles: int = 5,
+        n_particles: int = N_PARTICLES,
         likelihood: Literal["nb", "normal"] = "nb",
         recipe: Literal["fast", "reference"] = "fast",
         penetrance: bool | None = None,
@@ -139,12 +141,12 @@ class CPAVAE(BasePerturbationModel):
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        n_latent: int = 32,
-        n_hidden: int = 400,
-        n_layers: int = 1,
+        n_latent: int = N_LATENT,
+        n_hidden: int = N_HIDDEN,
+        n_layers: int = N_LAYERS,
         embedding_prior_scale: float = 1.0,
         mean_field_encoder: bool = False,
-        n_particles: int = 5,
+        n_particles: int = N_PARTICLES,
         likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:
@@ -184,10 +186,10 @@ class ConditionalVAE(BasePerturbationModel):
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        n_latent: int = 32,
-        n_hidden: int = 400,
-        n_layers: int = 1,
-        n_particles: int = 5,
+        n_latent: int = N_LATENT,
+        n_hidden: int = N_HIDDEN,
+        n_layers: int = N_LAYERS,
+        n_particles: int = N_PARTICLES,
         likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:
@@ -223,11 +225,11 @@ class SVAEPlus(BasePerturbationModel):
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        n_latent: int = 32,
-        n_hidden: int = 400,
-        n_layers: int = 1,
+        n_latent: int = N_LATENT,
+        n_hidden: int = N_HIDDEN,
+        n_layers: int = N_LAYERS,
         mask_prior_beta: float = 2.0,
-        n_particles: int = 5,
+        n_particles: int = N_PARTICLES,
         likelihood: Literal["nb", "normal"] = "nb",
         **module_kwargs,
     ) -> None:

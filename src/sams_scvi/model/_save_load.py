@@ -10,6 +10,7 @@ import torch
 from mudata import MuData
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._utils import _check_gene_names
 
 from ._model_file import write_model_file
 from ._persistence import (
@@ -21,7 +22,6 @@ from ._persistence import (
     safe_model_loading,
     save_atomically,
 )
-from ._utils import _check_gene_names
 
 
 class SaveLoadMixin:

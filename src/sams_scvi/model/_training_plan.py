@@ -10,6 +10,7 @@ from scipy import sparse
 from scvi.train import TrainingPlan
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._defaults import ALIGN_MASK_LOGIT, ALIGN_THRESHOLD
 from sams_scvi.model._schedule import align_epoch, typical_cells_per_perturbation, updates_per_epoch
 
 
@@ -55,11 +56,11 @@ class SAMSTrainingPlan(TrainingPlan):
 
     * the per-gene mean and standard deviation of ``log(1 + x)`` for the encoder input (first fit only);
     * the number of training cells per perturbation, :math:`n_t`, which weights each perturbation's global KL
-      (spec §3.1). Validation steps use the validation split's own counts, as in the reference.
+      (``docs/model.md``). Validation steps use the validation split's own counts, as in the reference.
 
     It can also train the free per-perturbation variational parameters (mask logits, embedding parameters) with
     learning rate ``lr * global_lr_factor``: a mask logit must travel from 0 to about logit(alpha) = -4.6 and
-    Adam moves it by at most ``lr`` per step, which takes thousands of steps (spec §9.5). The objective is
+    Adam moves it by at most ``lr`` per step, which takes thousands of steps (``docs/model.md``). The objective is
     unchanged; the default (1) is the reference's single learning rate.
 
     Parameters
@@ -101,8 +102,8 @@ class SAMSTrainingPlan(TrainingPlan):
         global_lr_factor: float = 1.0,
         align_after_updates: int | None = None,
         align_at: float | None = None,
-        align_threshold: float = 0.3,
-        align_mask_logit: float = 8.0,
+        align_threshold: float = ALIGN_THRESHOLD,
+        align_mask_logit: float = ALIGN_MASK_LOGIT,
         mask_hold: float | None = None,
         **kwargs,
     ) -> None:
@@ -149,7 +150,7 @@ class SAMSTrainingPlan(TrainingPlan):
         design = manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
         module = self.module
         if not bool(module.normalization_fitted):
-            mean, std = log1p_mean_std(x, datamodule.train_idx, log=module.likelihood != "normal")
+            mean, std = log1p_mean_std(x, datamodule.train_idx, log=module.px_class.log_input)
             module.x_log_mean.copy_(torch.as_tensor(mean))
             module.x_log_std.copy_(torch.as_tensor(std))
             module.normalization_fitted.fill_(True)

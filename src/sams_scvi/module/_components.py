@@ -16,7 +16,7 @@ _VARIANCE_EPS = 1e-4
 class ResidualMLP(nn.Module):
     r"""The reference's trunk: :math:`h_1 = \mathrm{LReLU}(W_1 x + b_1 + s)`, :math:`h_l = h_{l-1} + \mathrm{LReLU}(W_l h_{l-1} + b_l)`.
 
-    ``s`` is an optional pre-activation shift added to the first layer. It is how inputs that are
+    ``s`` (``context``) is an optional pre-activation term added to the first layer. It is how inputs that are
     concatenated in the paper enter here without building the concatenation: ``W [x; u] = W_x x + W_u u``, so a
     one-hot ``u`` becomes a row look-up and a per-particle ``u`` does not repeat the per-cell ``W_x x``.
     """
@@ -28,10 +28,10 @@ class ResidualMLP(nn.Module):
         self.first = nn.Linear(n_input, n_hidden)
         self.residual = nn.ModuleList(nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1))
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h = self.first(x)
-        if shift is not None:
-            h = h + shift
+        if context is not None:
+            h = h + context
         h = F.leaky_relu(h, _LEAKY_SLOPE)
         for layer in self.residual:
             h = h + F.leaky_relu(layer(h), _LEAKY_SLOPE)
@@ -47,8 +47,8 @@ class GaussianMLP(nn.Module):
         self.mean = nn.Linear(n_hidden, n_output)
         self.log_var = nn.Linear(n_hidden, n_output)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> Normal:
-        h = self.trunk(x, shift)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Normal:
+        h = self.trunk(x, context)
         return Normal(self.mean(h), torch.sqrt(self.log_var(h).exp() + _VARIANCE_EPS))
 
 

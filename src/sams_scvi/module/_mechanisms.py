@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from sams_scvi._defaults import ALIGN_MASK_LOGIT
+
 from ._components import GaussianMLP, bernoulli_log_prob, relaxed_bernoulli_straight_through
 
 MechanismName = Literal["sparse", "dense", "sparse_point", "none"]
@@ -131,7 +133,7 @@ class SparseMechanism(nn.Module):
         """
         if self.guide == "correlated":
             rows = self.perturbation_onehot.weight
-            return self.embedding_encoder(mask, shift=rows if columns is None else rows[columns])
+            return self.embedding_encoder(mask, context=rows if columns is None else rows[columns])
         loc, log_scale = self.embedding_loc, self.embedding_log_scale
         if columns is not None:
             loc, log_scale = loc[columns], log_scale[columns]
@@ -154,7 +156,7 @@ class SparseMechanism(nn.Module):
         return out
 
     @torch.no_grad()
-    def rotate(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = 3.0) -> None:
+    def rotate(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = ALIGN_MASK_LOGIT) -> None:
         r"""Re-express the shifts in the latent basis :math:`z' = zR` and restart the masks at ``active``.
 
         The point shift :math:`\bar m_t \odot \bar e_t` becomes :math:`(\bar m_t \odot \bar e_t) R`: exactly for the

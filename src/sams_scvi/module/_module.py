@@ -11,22 +11,15 @@ from torch import nn
 from torch.distributions import Normal
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._defaults import ALIGN_MASK_LOGIT, ALIGN_THRESHOLD, N_HIDDEN, N_LATENT, N_LAYERS, N_PARTICLES
 
 from ._alignment import active_entries, sparsest_rotation
-from ._components import (
-    CovariateEmbedding,
-    GaussianMLP,
-    ResidualMLP,
-    gaussian_log_likelihood,
-    negative_binomial_count_terms,
-    negative_binomial_mean_terms,
-)
+from ._components import CovariateEmbedding, GaussianMLP, ResidualMLP
+from ._likelihoods import CountLikelihood, GaussianLikelihood
 from ._mechanisms import MechanismName, build_mechanism
-from ._sampling import sample_negative_binomial
 
 Likelihood = Literal["nb", "normal"]
 MAX_ENUMERATED_PERTURBATIONS = 4  # a cell with k perturbations has 2**k response patterns
-_MEAN_EPS = 1e-4  # the reference's Gamma-Poisson rate theta / (mu + 1e-4): the NB mean is mu + 1e-4
 
 
 class SAMSModule(BaseModuleClass):
@@ -46,6 +39,15 @@ class SAMSModule(BaseModuleClass):
     straight-through relaxed Bernoulli, a ``"correlated"`` (:math:`q(e_t \mid m_t, t)`, an MLP) or ``"mean_field"``
     (free location and scale) embedding posterior, and a basal encoder on log-standardised counts that, unless
     ``mean_field_encoder``, also sees the sampled offset :math:`D(M \odot E)`.
+
+    Where each part of the story lives: the globals' priors and guide, :math:`p(M, E)` and :math:`q(M, E)`, in
+    :attr:`mechanism` (:meth:`sample_globals`); :math:`p(z_b) = N(0, I)` in :meth:`local_terms`; the shift
+    :math:`z = z_b + D(M \odot E)` in :meth:`latent_offset` and, for any basal states under any conditions (with
+    penetrance responses drawn), :meth:`perturbed_latent`; :math:`p(x \mid z)` in :meth:`generative`, which returns
+    it as a distribution (:class:`~sams_scvi.module.CountLikelihood` or
+    :class:`~sams_scvi.module.GaussianLikelihood`); :meth:`decode` chains the last two. The guide of the cells is
+    :meth:`inference` (training) and :meth:`infer_cells` (posterior summaries); the objective is :meth:`loss`
+    (plated ELBO) and :meth:`marginal_ll` (the paper's IWELBO); :meth:`sample` draws from the posterior predictive.
 
     The paper's comparison models share everything here and differ only in ``mechanism``
     (:mod:`sams_scvi.module._mechanisms`), i.e. in how the latent shift is built and what is global:
@@ -106,12 +108,12 @@ class SAMSModule(BaseModuleClass):
         self,
         n_input: int,
         n_perturbations: int,
-        n_latent: int = 100,
-        n_hidden: int = 400,
-        n_layers: int = 1,
+        n_latent: int = N_LATENT,
+        n_hidden: int = N_HIDDEN,
+        n_layers: int = N_LAYERS,
         n_cats_per_cov: list[int] | None = None,
         mean_field_encoder: bool = False,
-        n_particles: int = 5,
+        n_particles: int = N_PARTICLES,
         mechanism: MechanismName = "sparse",
         likelihood: Likelihood = "nb",
         penetrance: bool = False,
@@ -123,6 +125,8 @@ class SAMSModule(BaseModuleClass):
         if likelihood not in ("nb", "normal"):
             raise ValueError(f"`likelihood` must be 'nb' or 'normal', not {likelihood!r}.")
         self.likelihood = likelihood
+        # p(x | z): which distribution generative() returns (and what its effects are measured on)
+        self.px_class = GaussianLikelihood if likelihood == "normal" else CountLikelihood
         self.n_input = n_input
         self.n_perturbations = n_perturbations
         self.n_latent = n_latent
@@ -243,20 +247,43 @@ class SAMSModule(BaseModuleClass):
         posterior = torch.exp(values + branches["log_prior"] - combined[:, branches["cells"]])
         return combined, posterior
 
-    def sample_offset(self, design: torch.Tensor, shift: torch.Tensor, n_cells: int | None = None) -> torch.Tensor:
-        r"""Offsets :math:`\sum_t d_t u_t \mathrm{shift}_t` with responses :math:`u_t \sim \mathrm{Bern}(\pi_t)`.
+    def perturbed_latent(self, z_basal: torch.Tensor, design: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        r"""Counterfactual states :math:`z = z_b + \sum_t d_t u_t\,\mathrm{shift}_t` of basal states under conditions.
 
-        ``design`` (P, T), ``shift`` (S, T, K) -> (S, P, K), or (S, n_cells, P, K) with independent responses per
-        cell; without penetrance every :math:`u_t = 1` (:meth:`latent_offset`).
+        ``z_basal`` (S, n, K) or (S, n, P, K), ``design`` (P, T) the conditions applied to every state, ``shift``
+        (S, T, K) one draw of the globals per leading index; returns (S, n, P, K). Under penetrance each state
+        responds to each of its condition's perturbations with probability :math:`\pi_t`, drawn independently
+        (:math:`u_t \sim \mathrm{Bern}(\pi_t)`); otherwise every :math:`u_t = 1`.
         """
+        n_cells = z_basal.shape[1]
         if not self.models_penetrance:
-            offset = self.latent_offset(design, shift)
-            return offset if n_cells is None else offset[:, None].expand(-1, n_cells, -1, -1)
-        columns = design.nonzero(as_tuple=True)[1]
-        cells = () if n_cells is None else (n_cells,)
-        probability = torch.sigmoid(self.penetrance_logit)[columns]
-        responses = torch.bernoulli(probability.expand(shift.shape[0], *cells, len(columns)))
-        return self.latent_offset(design, shift, responses)
+            offset = self.latent_offset(design, shift)[:, None]  # (S, 1, P, K)
+        else:
+            columns = design.nonzero(as_tuple=True)[1]
+            probability = torch.sigmoid(self.penetrance_logit)[columns]
+            responses = torch.bernoulli(probability.expand(shift.shape[0], n_cells, len(columns)))
+            offset = self.latent_offset(design, shift, responses)
+        return self.compose(z_basal if z_basal.dim() == 4 else z_basal[:, :, None, :], offset)
+
+    def decode(
+        self,
+        z_basal: torch.Tensor,
+        design: torch.Tensor,
+        shift: torch.Tensor,
+        library: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+    ) -> CountLikelihood | GaussianLikelihood:
+        r""":math:`p(x \mid z)` of basal states under conditions: :meth:`perturbed_latent`, then :meth:`generative`.
+
+        ``z_basal`` (S, n, K), ``design`` (P, T), ``shift`` (S, T, K), ``library`` (n,) and ``covariates`` (n, J)
+        of the states; the distribution has batch shape (S, n, P).
+        """
+        z = self.perturbed_latent(z_basal, design, shift)
+        n_conditions = design.shape[0]
+        if covariates is not None:
+            covariates = covariates[:, None, :].expand(-1, n_conditions, -1)
+        library = library[:, None].expand(-1, n_conditions)
+        return self.generative(z, library, covariates, design=design)["px"]
 
     @property
     def mask_logits(self) -> torch.Tensor:
@@ -295,7 +322,7 @@ class SAMSModule(BaseModuleClass):
         return self.mechanism.point()
 
     @torch.no_grad()
-    def rotate_latent(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = 3.0) -> None:
+    def rotate_latent(self, rotation: torch.Tensor, active: torch.Tensor, mask_logit: float = ALIGN_MASK_LOGIT) -> None:
         r"""Re-express the latent space as :math:`z' = zR` for an orthogonal ``rotation`` (K, K).
 
         The basal prior :math:`N(0, I)` is rotation invariant, and :math:`z` enters the decoder and the offset
@@ -319,7 +346,7 @@ class SAMSModule(BaseModuleClass):
         self.mechanism.rotate(rotation, active.to(rotation.device), mask_logit)
 
     @torch.no_grad()
-    def align_mechanism(self, threshold: float = 0.3, mask_logit: float = 3.0) -> torch.Tensor:
+    def align_mechanism(self, threshold: float = ALIGN_THRESHOLD, mask_logit: float = ALIGN_MASK_LOGIT) -> torch.Tensor:
         """Rotate the latent space to the basis where the point shifts are sparsest; returns the rotation (K, K).
 
         Masks restart on (logit ``mask_logit``) where the rotated shift is at least ``threshold`` times the largest
@@ -341,7 +368,8 @@ class SAMSModule(BaseModuleClass):
 
         Returns ``z_basal`` (S, n, K), one draw per particle (under penetrance, from the response pattern drawn
         from :math:`q(u \mid x)`, itself computed from each pattern's ELBO at the encoder's mean), ``z`` (S, n, K),
-        the perturbed state of that draw, ``basal_mean`` (S, n, K), the posterior mean (averaged over response patterns),
+        the perturbed state of that draw, ``basal_mean`` (S, n, K), the posterior mean (averaged over response
+        patterns), ``basal_scale`` (S, n, K), its standard deviation (of the mixture over response patterns),
         ``offset`` (S, n, K), the mean offset :math:`\sum_u q(u \mid x)\, D_u (M \odot E)`, ``library`` (n,), and
         ``response_probability`` (S, n, T), :math:`q(u_{it} = 1 \mid x_i)` (``None`` without penetrance).
         """
@@ -349,10 +377,12 @@ class SAMSModule(BaseModuleClass):
             out = self.inference(**self._get_inference_input(tensors), global_samples=global_samples)
             basal_mean = self.basal_mean(out)
             n_particles = out["z_basal"].shape[0]
+            scale = out["qz"].scale
             return {
                 "z_basal": out["z_basal"],
                 "z": out["z"],
                 "basal_mean": basal_mean.expand(n_particles, -1, -1),
+                "basal_scale": (scale if scale.dim() == 3 else scale[None]).expand(n_particles, -1, -1),
                 "offset": out["offset"],
                 "library": out["library"],
                 "response_probability": None,
@@ -387,10 +417,14 @@ class SAMSModule(BaseModuleClass):
         rows = row_of.gather(1, drawn.T).T  # (S, n)
         index = rows[..., None].expand(-1, -1, out["z_basal"].shape[-1])
         z_basal = out["z_basal"].gather(1, index)
+        basal_mean = cell_mean(self.basal_mean(out))
+        # the mixture's variance: E_u[scale_u^2 + mean_u^2] - mean^2
+        second_moment = cell_mean(qz.scale.square() + self.basal_mean(out).square())
         return {
             "z_basal": z_basal,
             "z": out["z"].gather(1, index),
-            "basal_mean": cell_mean(self.basal_mean(out)),
+            "basal_mean": basal_mean,
+            "basal_scale": (second_moment - basal_mean.square()).clamp(min=0).sqrt(),
             "offset": cell_mean(out["offset"]),
             "library": tensors[SAMS_REGISTRY_KEYS.X_KEY].sum(-1).to(z_basal.device),
             "response_probability": cell_mean(
@@ -466,7 +500,7 @@ class SAMSModule(BaseModuleClass):
 
         :math:`m_g, s_g` are training-split gene statistics of the same transform.
         """
-        values = x if self.likelihood == "normal" else torch.log1p(x)
+        values = torch.log1p(x) if self.px_class.log_input else x
         return (values - self.x_log_mean) / self.x_log_std
 
     @auto_move_data
@@ -497,12 +531,12 @@ class SAMSModule(BaseModuleClass):
             x, design = x[branches["cells"]], branches["design"]
         n_particles = global_samples["shift"].shape[0]
         offset = self.latent_offset(design, global_samples["shift"])
-        shift = None
+        context = None  # what the encoder sees besides the counts: the offset, or the treatment vector
         if self.offset_projection is not None:
-            shift = self.offset_projection(offset)
+            context = self.offset_projection(offset)
         elif self.design_projection is not None:
-            shift = self.design_projection(design)
-        qz = self.basal_encoder(self.normalize(x), shift=shift)
+            context = self.design_projection(design)
+        qz = self.basal_encoder(self.normalize(x), context=context)
         z_encoded = qz.rsample() if qz.loc.dim() == 3 else qz.rsample((n_particles,))
         z_basal, z = self.split_encoded(z_encoded, offset)
         return {
@@ -524,23 +558,27 @@ class SAMSModule(BaseModuleClass):
         library: torch.Tensor,
         covariates: torch.Tensor | None = None,
         design: torch.Tensor | None = None,
+        transform_batch: int | None = None,
     ) -> dict:
-        """Decode :math:`z` (..., n, K) into the likelihood's parameters.
+        """:math:`p(x \\mid z, c\\,[, d])` for latent states :math:`z` (..., n, K): ``{"px": distribution}``.
 
-        ``"nb"``: expression proportions ``rho``, NB means ``mu`` and inverse dispersions ``theta`` (G,);
-        ``"normal"``: ``mean`` (..., n, G) and ``scale`` (G,). ``design`` (n, T) is read only by the conditional
-        VAE, whose decoder sees the treatment; ``library`` only by the negative binomial.
+        ``"nb"``: :class:`~sams_scvi.module._likelihoods.CountLikelihood`,
+        :math:`NB(l\\,\\mathrm{softmax}(f(z)), \theta)` at the library sizes ``library`` (..., n);
+        ``"normal"``: :class:`~sams_scvi.module._likelihoods.GaussianLikelihood`, :math:`N(f(z), \\sigma^2)`.
+        ``covariates`` (..., n, J) are the cells' codes (batch first); ``transform_batch`` decodes every cell in
+        that batch instead. ``design`` (..., n, T) is read only by the conditional VAE, whose decoder sees the
+        treatment.
         """
-        shift = self.decoder_covariates(covariates)
+        if transform_batch is not None and covariates is not None:
+            covariates = covariates.clone()
+            covariates[..., 0] = transform_batch
+        context = self.decoder_covariates(covariates)  # what the decoder sees besides z: covariates [, treatment]
         if self.decoder_design is not None:
-            design_shift = self.decoder_design(design)
-            shift = design_shift if shift is None else shift + design_shift
-        h = self.decoder(z, shift=shift)
-        if self.likelihood == "normal":
-            return {"mean": self.decoder_head(h), "scale": self.log_dispersion.exp()}
-        rho = torch.softmax(self.decoder_head(h), dim=-1)
-        mu = rho.mul(library[..., None]).add_(_MEAN_EPS)  # 2 passes over (..., n, G) instead of 4 via log_softmax
-        return {"rho": rho, "mu": mu, "theta": self.log_dispersion.exp()}
+            treatment = self.decoder_design(design)
+            context = treatment if context is None else context + treatment
+        h = self.decoder(z, context=context)
+        dispersion = self.log_dispersion.exp()  # NB: inverse dispersion theta; normal: noise scale sigma
+        return {"px": self.px_class.from_decoder(self.decoder_head(h), library, dispersion)}
 
     def global_kl_share(
         self,
@@ -572,17 +610,8 @@ class SAMSModule(BaseModuleClass):
         kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(kl_basal.device)
         cells = inference_outputs["branches"]["cells"] if "branches" in inference_outputs else None
-        if self.likelihood == "normal":
-            x = x if cells is None else x[cells]  # rows are response patterns of the cells
-            return gaussian_log_likelihood(x, generative_outputs["mean"], generative_outputs["scale"]), kl_basal
-        mu, theta = generative_outputs["mu"], generative_outputs["theta"]
-        nonzero = x.nonzero(as_tuple=True)  # once: on a GPU each nonzero() waits for the device
-        count_only = negative_binomial_count_terms(x, theta, nonzero)  # once per cell, nonzero counts only
-        if cells is not None:  # rows are response patterns of the cells
-            x, count_only = x[cells], count_only[cells]
-            nonzero = x.nonzero(as_tuple=True)
-        mean_part = negative_binomial_mean_terms(x, mu, theta, nonzero)  # per particle (and response pattern)
-        return count_only + mean_part, kl_basal
+        # under penetrance the rows are response patterns of the cells
+        return generative_outputs["px"].log_prob(x, rows=cells), kl_basal
 
     def loss(
         self,
@@ -592,7 +621,7 @@ class SAMSModule(BaseModuleClass):
         kl_weight: float = 1.0,
         perturbation_counts: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Negative plated ELBO per cell, averaged over particles and cells (spec §3.1).
+        """Negative plated ELBO per cell, averaged over particles and cells (``docs/model.md``).
 
         Under penetrance the local term is :math:`\\log \\sum_u \\pi(u) \\exp \\mathrm{ELBO}_u` and the global share
         also carries :math:`-\\log \\mathrm{Beta}(\\pi_t \\mid a, 1)` (a MAP penalty on the point estimates).
@@ -649,17 +678,57 @@ class SAMSModule(BaseModuleClass):
             summary["penetrance_mean"] = torch.sigmoid(self.penetrance_logit.detach()).mean()
         return summary
 
-    @torch.inference_mode()
-    def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
-        """Posterior-predictive draws of shape (n_samples, n, G): counts, or values for ``"normal"``."""
-        inference_outputs, generative_outputs = self.forward(
-            tensors, inference_kwargs={"n_samples": n_samples}, compute_loss=False
-        )
-        return self.sample_observations(generative_outputs).cpu()
+    def log_importance_weights(self, tensors: dict[str, torch.Tensor], global_samples: dict[str, torch.Tensor]):
+        r"""Per particle and cell (S, n): :math:`\log p(x \mid z) + \log p(z_b) - \log q(z_b \mid \cdot)`.
 
-    def sample_observations(self, generative_outputs: dict) -> torch.Tensor:
-        """One draw of :math:`x` from the likelihood with the given :meth:`generative` outputs."""
-        if self.likelihood == "normal":
-            mean = generative_outputs["mean"]
-            return torch.randn_like(mean).mul_(generative_outputs["scale"]).add_(mean)
-        return sample_negative_binomial(generative_outputs["mu"], generative_outputs["theta"])
+        The globals are given (shared by every cell); under penetrance the response patterns are summed out,
+        :math:`\log \sum_u \pi(u) \exp(\cdot)`, each importance-sampled by its own :math:`q(z_b \mid x, u)`.
+        """
+        inference_outputs, generative_outputs = self.forward(
+            tensors, inference_kwargs={"global_samples": global_samples}, compute_loss=False
+        )
+        log_likelihood, kl_basal = self.local_terms(tensors, inference_outputs, generative_outputs)
+        branches = inference_outputs.get("branches")
+        if branches is None:
+            return log_likelihood - kl_basal
+        n_cells = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].shape[0]
+        return self.combine_branches(log_likelihood - kl_basal, branches, n_cells)[0]
+
+    @torch.inference_mode()
+    def marginal_ll(
+        self, tensors: dict[str, torch.Tensor], global_samples: dict[str, torch.Tensor], n_samples_per_pass: int = 25
+    ) -> torch.Tensor:
+        r"""The paper's importance-weighted ELBO of each cell (n,), in nats.
+
+        :math:`\log \frac{1}{S} \sum_s \exp w_s` with the log-weights of :meth:`log_importance_weights`, one per
+        draw of ``global_samples`` (S draws, decoded ``n_samples_per_pass`` at a time to bound memory).
+        """
+        n_draws = global_samples["shift"].shape[0]
+        log_w = torch.cat(
+            [
+                self.log_importance_weights(
+                    tensors, {k: v[start : start + n_samples_per_pass] for k, v in global_samples.items()}
+                )
+                for start in range(0, n_draws, n_samples_per_pass)
+            ]
+        )
+        return torch.logsumexp(log_w, 0) - math.log(n_draws)
+
+    @torch.inference_mode()
+    def sample(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, generative_kwargs: dict | None = None
+    ) -> torch.Tensor:
+        r"""Posterior-predictive draws, one row per cell: (n, G), or (n, G, n_samples) when ``n_samples > 1``.
+
+        Per sample, the globals are drawn from :math:`q`, then the cell's basal state and (under penetrance) its
+        response pattern from their posterior (:meth:`infer_cells`), and :math:`x` from :math:`p(x \mid z)`.
+        ``generative_kwargs`` go to :meth:`generative` (e.g. ``transform_batch``), as in scvi-tools' modules.
+        """
+        global_samples = self.sample_globals(n_samples, with_kl=False)
+        cells = self.infer_cells(tensors, global_samples)
+        design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(cells["z"].device)
+        px = self.generative(
+            cells["z"], cells["library"], self.covariate_codes(tensors), design=design, **(generative_kwargs or {})
+        )["px"]
+        draws = px.sample().cpu()  # (S, n, G)
+        return draws[0] if n_samples == 1 else draws.permute(1, 2, 0)

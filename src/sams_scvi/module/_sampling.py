@@ -1,6 +1,6 @@
 r"""Negative-binomial sampling for the Monte-Carlo estimators (ATE, counterfactual counts).
 
-The ATE of spec §5.2 draws one count per (sample, condition, gene): 2.1e9 draws at the Replogle shape. torch's
+The paper's ATE estimator (``docs/model.md``) draws one count per (sample, condition, gene): 2.1e9 draws at the Replogle shape. torch's
 CPU samplers (``_standard_gamma`` then ``poisson``) are scalar, single-threaded loops at ~100 ns per value, so on CPU
 the same Gamma-Poisson mixture is drawn here by a compiled, multi-threaded kernel (numba, already a dependency
 of scanpy) at ~10-20 ns per value. The distribution is the same, exactly:
@@ -322,29 +322,20 @@ def _counts_kernel(mu, genes, seed, out, tables):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _ate_kernel(mu, genes, seed, target_sum, sums, diff_sq, tables):
+def _ate_kernel(mu, genes, seed, target_sum, sums, tables):
     """Accumulate log-normalised draws over samples without storing them.
 
-    ``mu`` (S, C, G), condition 0 the control. Adds sum_s y[s, c] to ``sums`` (C, G) and
-    sum_s (y[s, c] - y[s, 0])^2 to ``diff_sq`` (C - 1, G); row (s, c) uses stream s C + c.
+    ``mu`` (S, C, G); adds sum_s y[s, c] to ``sums`` (C, G), conditions in parallel; row (s, c) uses stream
+    s C + c.
     """
     n_samples, n_conditions, n_genes = mu.shape
-    control = np.empty((n_samples, n_genes))
-    for s in prange(n_samples):
-        lookup = np.empty(_LOG2_TABLE_SIZE)
-        _log_normalized_draws(mu[s, 0], genes, seed, s * n_conditions, target_sum, control[s], lookup, tables)
-    for s in range(n_samples):
-        for g in range(n_genes):
-            sums[0, g] += control[s, g]
-    for c in prange(1, n_conditions):
+    for c in prange(n_conditions):
         y = np.empty(n_genes)
         lookup = np.empty(_LOG2_TABLE_SIZE)
         for s in range(n_samples):
             _log_normalized_draws(mu[s, c], genes, seed, s * n_conditions + c, target_sum, y, lookup, tables)
             for g in range(n_genes):
                 sums[c, g] += y[g]
-                diff = y[g] - control[s, g]
-                diff_sq[c - 1, g] += diff * diff
 
 
 def _gene_parameters(theta: torch.Tensor, n_genes: int) -> np.ndarray:
@@ -405,34 +396,26 @@ def sample_negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> torch.Ten
     return torch.from_numpy(out).view(mu.shape).to(mu.dtype)
 
 
-def accumulate_log_normalized(
-    mu: torch.Tensor, theta: torch.Tensor, target_sum: float, sums: torch.Tensor, diff_sq: torch.Tensor
-) -> None:
-    r"""Add the sums over samples of NB draws on the paper's scale, against the control, to ``sums`` and ``diff_sq``.
+def accumulate_log_normalized(mu: torch.Tensor, theta: torch.Tensor, target_sum: float, sums: torch.Tensor) -> None:
+    r"""Add the sums over samples of NB draws on the paper's scale to ``sums``.
 
     With :math:`x_{sc} \sim NB(\mu_{sc}, \theta)` and :math:`y_{sc} = \log_2(1 + t\, x_{sc} / \sum_g x_{scg})`
-    (0 for a row without counts), adds :math:`\sum_s y_{sc}` to ``sums`` (C, G) and
-    :math:`\sum_s (y_{sc} - y_{s0})^2` to ``diff_sq`` (C - 1, G), both float64 on ``mu``'s device, for ``mu``
-    (S, C, G) whose condition 0 is the control. On CPU the draws are added as they are made, in place: no tensor of
-    draws and no per-call accumulators (at the Replogle shape those cost ~2 ns per value).
+    (0 for a row without counts), adds :math:`\sum_s y_{sc}` to ``sums`` (C, G), float64 on ``mu``'s device, for
+    ``mu`` (S, C, G). On CPU the draws are added as they are made, in place: no tensor of draws and no per-call
+    accumulators.
     """
     n_samples, n_conditions, n_genes = mu.shape
-    for name, total, shape in (
-        ("sums", sums, (n_conditions, n_genes)),
-        ("diff_sq", diff_sq, (n_conditions - 1, n_genes)),
-    ):
-        if tuple(total.shape) != shape or total.dtype != torch.float64 or total.device != mu.device:
-            raise ValueError(f"`{name}` must be a float64 tensor of shape {shape} on {mu.device}.")
+    shape = (n_conditions, n_genes)
+    if tuple(sums.shape) != shape or sums.dtype != torch.float64 or sums.device != mu.device:
+        raise ValueError(f"`sums` must be a float64 tensor of shape {shape} on {mu.device}.")
     if mu.device.type != "cpu":
         counts = sample_negative_binomial(mu, theta)
         y = torch.log2(counts.mul_(target_sum / counts.sum(-1, keepdim=True).clamp(min=1)).add_(1))
-        # float32 within the chunk, float64 across chunks
-        diff_sq += y[:, 1:].sub(y[:, :1]).square_().sum(0)
-        sums += y.sum(0)
+        sums += y.sum(0)  # float32 within the chunk, float64 across chunks
         return
-    if not (sums.is_contiguous() and diff_sq.is_contiguous()):
-        raise ValueError("`sums` and `diff_sq` must be contiguous.")
+    if not sums.is_contiguous():
+        raise ValueError("`sums` must be contiguous.")
     mu3d = mu.detach().float().contiguous().numpy()
     genes = _gene_parameters(theta, n_genes)
     with _kernel_threads(_ate_kernel):
-        _ate_kernel(mu3d, genes, _kernel_seed(), float(target_sum), sums.numpy(), diff_sq.numpy(), _TABLES)
+        _ate_kernel(mu3d, genes, _kernel_seed(), float(target_sum), sums.numpy(), _TABLES)

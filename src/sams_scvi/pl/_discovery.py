@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sams_scvi.model._convergence import tail_epochs, training_convergence
-from sams_scvi.model._utils import _as_positions
+from sams_scvi._utils import _as_positions
+from sams_scvi.model import tail_epochs, training_convergence
 
 from ._utils import finish, new_axes
 

@@ -11,8 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
-from sams_scvi.model._prediction import _as_labels
-from sams_scvi.model._utils import _as_positions
+from sams_scvi._utils import _as_labels, _as_positions
 
 
 def prediction_pair(

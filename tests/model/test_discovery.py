@@ -1,6 +1,4 @@
-"""Reading the mechanisms, gene programs, credible intervals of ATEs and combination screening."""
-
-from math import comb
+"""Reading the mechanisms, gene programs, credible intervals of ATEs, combination screening and DE."""
 
 import numpy as np
 import pandas as pd
@@ -10,55 +8,9 @@ import scvi
 import torch
 
 import sams_scvi
-from sams_scvi.cli import main
 from sams_scvi.model._mechanism import _cluster_modules
 
-N_LATENT = 4
-
-
-@pytest.fixture(scope="module")
-def gaussian_screen():
-    return sams_scvi.data.simulate_sams_gaussian(
-        n_perturbations=6,
-        n_genes=30,
-        n_latent=N_LATENT,
-        mask_prob=0.25,
-        n_cells_per_perturbation=70,
-        n_control_cells=140,
-        combinations=["p0+p1", "p2+p3"],
-        n_cells_per_combination=35,
-        n_ate_samples=100,
-        seed=0,
-    )
-
-
-def set_mechanism(adata, penetrance: bool = False, scale: float = 0.3) -> sams_scvi.SAMSVAE:
-    """An untrained model with a known mechanism: p0 acts on dimensions 0 and 1, p1 on 0, p2 on 1, p3 on 2 (with
-    p4's shift opposite to p3's), p5 on nothing; embeddings with posterior scale ``scale``."""
-    adata = adata.copy()
-    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    model = sams_scvi.SAMSVAE(
-        adata, n_latent=N_LATENT, n_hidden=32, likelihood="normal", guide="mean_field", penetrance=penetrance
-    )
-    mechanism = model.module.mechanism
-    on = np.zeros((6, N_LATENT), dtype=bool)
-    on[0, [0, 1]] = on[1, 0] = on[2, 1] = on[3, 2] = on[4, 2] = True
-    loc = torch.tensor(
-        [[2.0, 1.0, 0, 0], [1.5, 0, 0, 0], [0, -2.0, 0, 0], [0, 0, 1.0, 0], [0, 0, -1.0, 0], [0, 0, 0, 0]]
-    )
-    with torch.no_grad():
-        mechanism.mask_logits.copy_(torch.where(torch.as_tensor(on), 8.0, -8.0))
-        mechanism.embedding_loc.copy_(loc)
-        mechanism.embedding_log_scale.fill_(float(np.log(scale)))
-        model.module.train_perturbation_counts.copy_(torch.tensor([105.0, 105, 105, 105, 70, 70]))
-    model.module.eval()
-    model.is_trained_ = True
-    return model
-
-
-@pytest.fixture(scope="module")
-def known(gaussian_screen):
-    return set_mechanism(gaussian_screen)
+from ..conftest import N_LATENT, set_mechanism
 
 
 def test_active_dimensions_and_effective_shifts(known):
@@ -119,13 +71,13 @@ def test_gene_programs_are_decoder_responses(known):
     assert top.groupby("latent")["rank"].apply(list).map(lambda r: r == [1, 2, 3, 4, 5]).all()
     pivot = programs.pivot(index="latent", columns="gene", values="effect")
     # recompute for latent dimension 2 by decoding the same control cells directly
-    with sams_scvi.model._utils._seeded(0, "cpu"):
+    with sams_scvi._utils._seeded(0, "cpu"):
         basal, _ = known._reference_basal_states(50)
     with torch.no_grad():
         moved = basal.clone()
         moved[:, 2] += 0.5
         decode = known.module.generative
-        expected = decode(moved, torch.ones(50))["mean"].mean(0) - decode(basal, torch.ones(50))["mean"].mean(0)
+        expected = decode(moved, torch.ones(50))["px"].mean.mean(0) - decode(basal, torch.ones(50))["px"].mean.mean(0)
     np.testing.assert_allclose(pivot.loc["latent_2", known.adata.var_names], expected.numpy(), rtol=1e-4, atol=1e-6)
     assert (top.groupby("latent")["effect"].apply(lambda e: e.abs().is_monotonic_decreasing)).all()
 
@@ -136,30 +88,10 @@ def test_gene_programs_are_decoder_responses(known):
     with torch.no_grad():
         moved = basal.clone()
         moved[:, 0] += 2.0
-        expected = decode(moved, torch.ones(50))["mean"].mean(0) - decode(basal, torch.ones(50))["mean"].mean(0)
+        expected = decode(moved, torch.ones(50))["px"].mean.mean(0) - decode(basal, torch.ones(50))["px"].mean.mean(0)
     gene = known.adata.var_names.get_loc(first.gene)
     assert first.effect == pytest.approx(float(expected[gene]), rel=1e-4)
     assert abs(first.effect) == pytest.approx(float(expected.abs().max()), rel=1e-4)
-
-
-def test_program_enrichment_finds_a_planted_set():
-    genes = [f"g{i}" for i in range(100)]
-    rows = []
-    for latent, top_genes in {"latent_0": genes[:10], "latent_1": genes[50:60]}.items():
-        ranked = top_genes + [g for g in genes if g not in top_genes]
-        rows += [{"latent": latent, "gene": g, "rank": r + 1, "effect": 1.0} for r, g in enumerate(ranked)]
-    programs = pd.DataFrame(rows)
-    table = sams_scvi.tl.program_enrichment(
-        programs, {"planted": genes[:8] + ["not_a_gene"], "random": genes[20:40]}, n_top_genes=10
-    )
-    best = table.iloc[0]
-    assert (best.latent, best.gene_set, best.overlap, best.set_size) == ("latent_0", "planted", 8, 8)
-    # P(X >= 8) for 10 draws from 100 genes of which 8 are in the set
-    assert best.p_value == pytest.approx(comb(92, 2) / comb(100, 10), rel=1e-6)
-    assert best.fdr >= best.p_value and (table.fdr <= 1).all()
-    assert set(table.gene_set) == {"planted"}  # rows without overlap are dropped
-    with pytest.raises(ValueError, match="columns"):
-        sams_scvi.tl.program_enrichment(programs.drop(columns="rank"), {"a": ["g1"]})
 
 
 def brute_force_posterior_sd(model, labels: list[str], n_draws: int = 300, n_basal: int = 1000) -> np.ndarray:
@@ -171,7 +103,8 @@ def brute_force_posterior_sd(model, labels: list[str], n_draws: int = 300, n_bas
     with torch.no_grad():
         for _ in range(n_draws):
             offset = model.module.latent_offset(design, model.module.sample_globals(1, with_kl=False)["shift"])
-            mean = model.module.generative(basal + offset[0], torch.ones(n_basal, len(labels) + 1))["mean"].mean(0)
+            px = model.module.generative(basal + offset[0], torch.ones(n_basal, len(labels) + 1))["px"]
+            mean = px.mean.mean(0)
             effects.append((mean[1:] - mean[:1]).numpy())
     return np.std(effects, axis=0, ddof=1)
 
@@ -231,111 +164,6 @@ def test_screen_combinations(gaussian_screen):
         model.get_perturbation_programs(threshold=0.3)
 
 
-def test_cli_screen(gaussian_screen, tmp_path, capsys):
-    model = set_mechanism(gaussian_screen, scale=0.05)
-    model.save(tmp_path / "model", save_anndata=True)
-    output = tmp_path / "screen.csv"
-    assert main(["screen", str(tmp_path / "model"), "--output", str(output), "--n-samples", "100", "--quiet"]) == 0
-    table = pd.read_csv(output, index_col=0)
-    assert len(table) == 13 and "non_additivity_norm" in table.columns
-    assert "p0+p1" not in table.index
-    assert "Wrote 13 pairs" in capsys.readouterr().out
-
-
-def test_bootstrap_ensemble(tmp_path):
-    adata = sams_scvi.data.simulate_sams(
-        n_perturbations=3, n_genes=20, n_latent=3, n_cells_per_perturbation=60, n_control_cells=120, n_ate_samples=200
-    )
-    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    models = sams_scvi.bootstrap_models(
-        adata,
-        n_models=3,
-        model_kwargs={"n_latent": 3, "n_hidden": 16},
-        train_kwargs={"max_epochs": 2, "enable_progress_bar": False},
-        progress_bar=False,
-    )
-    labels = adata.obs["perturbation"].astype(str)
-    for model in models:
-        resample = model.train_indices
-        assert len(resample) == adata.n_obs and len(np.unique(resample)) < adata.n_obs  # cells drawn with repeats
-        pd.testing.assert_series_equal(  # every label keeps its number of cells
-            labels.iloc[resample].value_counts().sort_index(), labels.value_counts().sort_index()
-        )
-        np.testing.assert_array_equal(model.module.train_perturbation_counts.numpy(), [60, 60, 60])
-    assert not np.array_equal(models[0].train_indices, models[1].train_indices)
-
-    ensemble = sams_scvi.ensemble_ate(models, ["p0", "p1+p2"], n_samples=200, progress_bar=False)
-    single = [m.estimate_ate(["p0", "p1+p2"], n_samples=200, progress_bar=False) for m in models]
-    values = np.stack([e.X for e in single]).astype(float)
-    np.testing.assert_allclose(ensemble.X, values.mean(0), rtol=1e-5, atol=1e-6)
-    mc = np.mean([e.layers["mc_se"].astype(float) ** 2 for e in single], axis=0)
-    between = np.clip(values.var(0, ddof=1) - mc, 0, None)
-    within = np.mean([e.layers["posterior_sd"].astype(float) ** 2 for e in single], axis=0)
-    total = np.sqrt(within + (4 / 3) * between + mc / 3)
-    np.testing.assert_allclose(ensemble.layers["total_sd"], total, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        ensemble.layers["ci_upper"] - ensemble.X, 2.920 * total, rtol=1e-3, atol=1e-5
-    )  # t quantile 0.95, 2 df
-    assert ensemble.uns["n_models"] == 3
-
-    screen = sams_scvi.ensemble_screen(models, ["p0+p1", "p1+p2"], n_samples=100, progress_bar=False)
-    singles = [m.screen_combinations(["p0+p1", "p1+p2"], n_samples=100, progress_bar=False) for m in models]
-    for layer in (None, "non_additivity"):
-        stacked = np.stack([(s_.to_df(layer).loc[screen.obs_names]).to_numpy() for s_ in singles])
-        values = screen.X if layer is None else screen.layers[layer]
-        np.testing.assert_allclose(values, stacked.mean(0), rtol=1e-5, atol=1e-6)
-    assert screen.obs["non_additivity_norm"].is_monotonic_decreasing and screen.uns["n_models"] == 3
-    np.testing.assert_allclose(screen.X - screen.layers["additive"], screen.layers["non_additivity"], atol=1e-5)
-    with pytest.raises(ValueError, match="at least 2"):
-        sams_scvi.bootstrap_models(adata, n_models=1)
-    with pytest.raises(ValueError, match="datasplitter_kwargs"):
-        sams_scvi.bootstrap_models(adata, train_kwargs={"datasplitter_kwargs": {}})
-
-
-def test_plots(known, gaussian_screen, tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mechanisms = known.get_mechanisms(module_distance=0.3)
-    ax = sams_scvi.pl.mechanism_heatmap(mechanisms, show=False)
-    shown = [t.get_text() for t in ax.get_yticklabels()]
-    assert sorted(shown) == sorted(known.perturbations) and shown[-1] == "p5"  # "no mechanism" last
-    fig = sams_scvi.pl.mechanism_heatmap(mechanisms, layer="mask_probability", save=tmp_path / "m.png", return_fig=True)
-    assert isinstance(fig, plt.Figure) and (tmp_path / "m.png").stat().st_size > 0
-
-    ate = known.estimate_ate(["p0", "p3"], n_samples=200, progress_bar=False)
-    observed = sams_scvi.metrics.observed_ate(gaussian_screen, perturbations=["p0", "p3"], scale="none")
-    ax = sams_scvi.pl.ate_intervals(ate, ["g0", "g1", "g2"], observed=observed, show=False)
-    assert len(ax.containers) == 2  # one error-bar group per perturbation
-    with pytest.raises(ValueError, match="not in the ATE"):
-        sams_scvi.pl.ate_intervals(ate, ["nope"], show=False)
-
-    ax = sams_scvi.pl.ate_scatter(ate, {"train": observed, "test": observed.to_df().iloc[:1]}, show=False)
-    assert len(ax.collections) == 2 and [t.get_text()[:6] for t in ax.get_legend().get_texts()] == ["train:", "test: "]
-
-    screen = known.screen_combinations(n_samples=100, progress_bar=False)
-    ax = sams_scvi.pl.screen_volcano(screen, n_labels=3, show=False)
-    assert len(ax.texts) == 3 and ax.texts[0].get_text() == screen.obs_names[0]
-    assert sams_scvi.pl.screen_volcano(screen, show=True) is None  # shown: nothing returned, as in scanpy
-
-    model = sams_scvi.SAMSVAE(known.adata, n_latent=2, n_hidden=8, likelihood="normal")
-    model.train(max_epochs=2, check_val_every_n_epoch=1, enable_progress_bar=False)
-    ax = sams_scvi.pl.training_history(model, show=False)
-    assert [line.get_label() for line in ax.get_lines()] == [
-        "train loss (negative ELBO)",
-        "validation loss (negative ELBO)",
-    ]
-    with pytest.raises(ValueError, match="history"):
-        sams_scvi.pl.training_history(model, keys=["nothing"], show=False)
-    obs_before = known.adata.obs.copy()
-    ax = sams_scvi.pl.latent_umap(known, indices=np.arange(150), n_neighbors=5, show=False)
-    assert len(ax.collections) >= 1 and ax.get_title() == "perturbation"
-    pd.testing.assert_frame_equal(known.adata.obs, obs_before)  # nothing written into the user's AnnData
-    plt.close("all")
-
-
 def test_normalized_expression_and_scvi_differential_expression():
     adata = sams_scvi.data.simulate_sams(
         n_perturbations=3, n_genes=40, n_latent=3, effect_size=3.0, n_cells_per_perturbation=150, n_control_cells=300
@@ -383,6 +211,7 @@ def train_default(adata, n_latent: int, max_epochs: int, seed: int = 0) -> sams_
     return model
 
 
+@pytest.mark.slow
 def test_planted_modules_are_recovered():
     """Three modules of three perturbations, each module acting on its own two latent dimensions."""
     from sklearn.metrics import adjusted_rand_score
@@ -407,6 +236,7 @@ def test_planted_modules_are_recovered():
     assert adjusted_rand_score([t // 3 for t in range(9)], modules.astype(str)) >= 0.8, modules.to_dict()
 
 
+@pytest.mark.slow
 def test_planted_synergy_ranks_first():
     """p0 and p1 push the same latent dimension: together they leave the range either reaches alone."""
     mask = np.eye(3)[[0, 0, 1, 2]]
@@ -453,6 +283,7 @@ def planted_genes():
     return train_default(adata, n_latent=4, max_epochs=80)
 
 
+@pytest.mark.slow
 def test_gene_program_of_a_planted_dimension(planted_genes):
     programs = planted_genes.get_perturbation_programs(n_top_genes=5)
     for perturbation, planted in {"p0": range(5), "p1": range(10, 15)}.items():
@@ -461,27 +292,9 @@ def test_gene_program_of_a_planted_dimension(planted_genes):
         assert len(set(strongest.gene) & {f"g{g}" for g in planted}) >= 4, strongest
 
 
+@pytest.mark.slow
 def test_differential_expression_finds_planted_genes(planted_genes):
     de = planted_genes.differential_expression(groupby="perturbation", group1="p0", group2="control", mode="change")
     found = set(de.sort_values("proba_de", ascending=False).index[:5])
     assert len(found & {f"g{g}" for g in range(5)}) >= 4, de["proba_de"].head(8)
     assert (de.loc[[f"g{g}" for g in range(5)], "lfc_mean"] > 1).all()  # four-fold up: log2 fold change near 2
-
-
-def test_bootstrap_intervals_cover_true_effects():
-    adata = sams_scvi.data.simulate_sams(
-        n_perturbations=4, n_genes=50, n_latent=4, effect_size=3.0, n_cells_per_perturbation=150, n_control_cells=300
-    )
-    sams_scvi.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
-    models = sams_scvi.bootstrap_models(
-        adata,
-        n_models=5,
-        model_kwargs={"n_latent": 4, "n_hidden": 64},
-        train_kwargs={"max_epochs": 250, "enable_progress_bar": False},
-        progress_bar=False,
-    )
-    labels = ["p0", "p1", "p2", "p3"]
-    ate = sams_scvi.ensemble_ate(models, labels, n_samples=2000, progress_bar=False)
-    truth = adata.uns["simulation"]["ate"].loc[labels, ate.var_names].to_numpy()
-    inside = (truth >= ate.layers["ci_lower"]) & (truth <= ate.layers["ci_upper"])
-    assert 0.8 <= inside.mean() <= 1.0, inside.mean()  # nominal 0.9
