@@ -122,3 +122,54 @@ def test_posterior_point_estimate_is_deterministic():
     a, b = module.point_globals(), module.point_globals()
     torch.testing.assert_close(a["embedding"], b["embedding"])
     torch.testing.assert_close(a["mask"][0], (module.mask_logits > 0).float())
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "names"),
+    [
+        ("sparse", {"z_basal", "mask", "embedding"}),
+        ("dense", {"z_basal", "embedding"}),
+        ("sparse_point", {"z_basal", "mask_probability"}),
+        ("none", {"z_basal"}),
+    ],
+)
+def test_priors_are_named_as_in_the_paper(mechanism, names):
+    module = SAMSModule(n_input=6, n_perturbations=3, n_latent=4, mechanism=mechanism)
+    assert set(module.prior()) == names
+    if mechanism == "sparse":
+        module = SAMSModule(
+            n_input=6, n_perturbations=3, n_latent=4, mask_prior_prob=0.2, embedding_prior_scale=0.5, penetrance=True
+        )
+        prior = module.prior()
+        assert torch.sigmoid(prior["mask"].logits).item() == pytest.approx(0.2)
+        assert prior["embedding"].scale.item() == pytest.approx(0.5)
+        assert prior["penetrance"].mean.item() == pytest.approx(50 / 51)
+
+
+def test_sparse_global_kl_is_guide_minus_prior_log_density():
+    torch.manual_seed(0)
+    mechanism = SAMSModule(n_input=6, n_perturbations=3, n_latent=4, guide="mean_field").mechanism
+    draw = mechanism.sample(2)
+    prior = mechanism.prior()
+    q_embedding = mechanism.embedding_posterior(draw["mask"])
+    mask_logits = mechanism.mask_logits.expand(2, -1, -1)
+    expected = (
+        q_embedding.log_prob(draw["embedding"])
+        - prior["embedding"].log_prob(draw["embedding"])
+        + torch.distributions.Bernoulli(logits=mask_logits).log_prob(draw["mask"])
+        - prior["mask"].log_prob(draw["mask"])
+    ).sum(-1)
+    torch.testing.assert_close(draw["kl"], expected)
+
+
+def test_input_statistics_saved_under_their_old_names_load():
+    module = SAMSModule(n_input=5, n_perturbations=2, n_latent=3)
+    state = module.state_dict()
+    state["x_log_mean"] = torch.arange(5.0)
+    state["x_log_std"] = torch.full((5,), 2.0)
+    del state["input_mean"], state["input_std"]
+    fresh = SAMSModule(n_input=5, n_perturbations=2, n_latent=3)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.input_mean, torch.arange(5.0))
+    assert fresh.x_log_std is fresh.input_std
+    assert "x_log_mean" not in fresh.state_dict()

@@ -109,19 +109,11 @@ class ExpressionMixin:
         batches = self._batch_codes(adata, transform_batch)
         genes = self._gene_names
         gene_mask = self._gene_mask(gene_list)
+        scale = None if library_size == "latent" else float(library_size)
         blocks = []
         with _seeded(seed, self.device):
-            for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
-                globals_ = self.module.sample_globals(n_samples, with_kl=False)
-                cells = self.module.infer_cells(tensors, globals_)
-                covariates = self.module.covariate_codes(tensors)
-                scale = None if library_size == "latent" else float(library_size)
-                per_batch = []
-                for batch in batches:
-                    px = self.module.generative(
-                        cells["z"], cells["library"], covariates, self._cell_design(tensors), transform_batch=batch
-                    )["px"]
-                    per_batch.append(px.expression(scale)[..., gene_mask])
+            for pxs in self._posterior_predictive(adata, positions, n_samples, batch_size, batches):
+                per_batch = [px.expression(scale)[..., gene_mask] for px in pxs]
                 blocks.append(torch.stack(per_batch).mean(0).cpu().numpy())  # (S, n, G)
             values = np.concatenate(blocks, axis=1)
             if n_samples_overall is not None:  # inside the seeded block: reproducible with `seed`
@@ -184,14 +176,13 @@ class ExpressionMixin:
         adata = self._validate_anndata(adata)
         positions = np.arange(adata.n_obs) if indices is None else _as_positions(adata, indices)
         gene_mask = self._gene_mask(gene_list)
+        batches = self._batch_codes(adata, transform_batch)
         draws = []
         with _seeded(seed, self.device):
-            for tensors in self._make_data_loader(adata=adata, indices=positions, batch_size=batch_size):
-                per_batch = [
-                    self.module.sample(tensors, int(n_samples), generative_kwargs={"transform_batch": batch})
-                    for batch in self._batch_codes(adata, transform_batch)
-                ]
-                draws.append(torch.stack(per_batch).mean(0)[:, gene_mask].numpy())
+            for pxs in self._posterior_predictive(adata, positions, int(n_samples), batch_size, batches):
+                per_batch = torch.stack([px.sample() for px in pxs]).mean(0)  # (S, n, G)
+                cell_rows = per_batch[0] if n_samples == 1 else per_batch.permute(1, 2, 0)
+                draws.append(cell_rows[:, gene_mask].cpu().numpy())
         return sparse.GCXS.from_numpy(np.concatenate(draws))
 
     @torch.inference_mode()
@@ -215,11 +206,7 @@ class ExpressionMixin:
         adata = self._validate_anndata(adata)
         blocks: dict[str, list[np.ndarray]] = {}
         with _seeded(seed, self.device):
-            for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-                cells = self.module.infer_cells(tensors, self.module.sample_globals(int(n_samples), with_kl=False))
-                px = self.module.generative(
-                    cells["z"], cells["library"], self.module.covariate_codes(tensors), self._cell_design(tensors)
-                )["px"]
+            for (px,) in self._posterior_predictive(adata, indices, int(n_samples), batch_size, [None]):
                 for name, value in px.likelihood_parameters().items():
                     blocks.setdefault(name, []).append(value.cpu().numpy())
         parameters = {name: np.concatenate(values, axis=1) for name, values in blocks.items()}
@@ -281,8 +268,10 @@ class ExpressionMixin:
             )
         return genes.isin(list(gene_list))
 
-    def _cell_design(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(self.device)
+    def _posterior_predictive(self, adata: AnnData, indices, n_samples: int, batch_size: int | None, batches: list):
+        """Per minibatch of ``indices``, the cells' :meth:`SAMSModule.posterior_predictive` in each of ``batches``."""
+        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+            yield self.module.posterior_predictive(tensors, n_samples, batches)
 
     def _batch_codes(self, adata: AnnData, transform_batch) -> list[int | None]:
         """Batch codes for ``transform_batch`` (categories or codes); ``[None]`` keeps each cell's own batch.

@@ -151,8 +151,8 @@ class SAMSTrainingPlan(TrainingPlan):
         module = self.module
         if not bool(module.normalization_fitted):
             mean, std = log1p_mean_std(x, datamodule.train_idx, log=module.px_class.log_input)
-            module.x_log_mean.copy_(torch.as_tensor(mean))
-            module.x_log_std.copy_(torch.as_tensor(std))
+            module.input_mean.copy_(torch.as_tensor(mean))
+            module.input_std.copy_(torch.as_tensor(std))
             module.normalization_fitted.fill_(True)
         module.train_perturbation_counts.copy_(torch.as_tensor(perturbation_cell_counts(design, datamodule.train_idx)))
         val_idx = getattr(datamodule, "val_idx", None)
@@ -229,7 +229,7 @@ class SAMSTrainingPlan(TrainingPlan):
 
     def on_validation_epoch_start(self) -> None:
         if getattr(self, "_validation_counts", None) is not None:
-            self.loss_kwargs["perturbation_counts"] = self._validation_counts.to(self.module.x_log_mean.device)
+            self.loss_kwargs["perturbation_counts"] = self._validation_counts.to(self.module.input_mean.device)
 
     def on_validation_epoch_end(self) -> None:
         self.loss_kwargs.pop("perturbation_counts", None)

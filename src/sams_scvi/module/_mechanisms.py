@@ -8,6 +8,8 @@ per particle, the latent shift of each atomic perturbation and the KL-type term 
   ``sample(S, with_kl=False)`` leaves it out, for inference); ``sample(S, columns=c)`` draws only the
   perturbations ``c`` (C,), giving (S, C, K) and (S, C): a minibatch needs only the globals of the perturbations
   its cells carry, and the globals are independent across perturbations under both ``q`` and ``p``;
+* ``prior()`` -> the priors of the globals, named as in the paper (e.g. ``{"mask": p(M), "embedding": p(E)}``),
+  per entry :math:`(t, k)`; ``sample`` charges its KL-type term against them;
 * ``point()`` -> the posterior point estimate, ``{"shift": (1, T, K), ...}``;
 * ``variational_parameters()`` -> the free per-perturbation parameters (for their own learning rate).
 
@@ -32,7 +34,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributions import Normal
+from torch.distributions import Bernoulli, Beta, Normal
 
 from sams_scvi._defaults import ALIGN_MASK_LOGIT
 
@@ -121,6 +123,13 @@ class SparseMechanism(nn.Module):
                 torch.full((n_perturbations, n_latent), math.log(embedding_init_scale))
             )
 
+    def prior(self) -> dict[str, torch.distributions.Distribution]:
+        r""":math:`p(m_{tk}) = \mathrm{Bern}(\alpha)` and :math:`p(e_{tk}) = N(0, \sigma_E^2)`."""
+        return {
+            "mask": Bernoulli(logits=self.mask_prior_logit),
+            "embedding": Normal(torch.zeros_like(self.embedding_prior_scale), self.embedding_prior_scale),
+        }
+
     def variational_parameters(self) -> list[nn.Parameter]:
         if self.guide == "correlated":
             return [self.mask_logits, self.perturbation_onehot.weight]
@@ -149,9 +158,10 @@ class SparseMechanism(nn.Module):
         embedding = q_embedding.rsample() if self.guide == "correlated" else q_embedding.rsample((n_particles,))
         out = {"shift": mask * embedding, "mask": mask, "embedding": embedding}
         if with_kl:
-            p_embedding = Normal(torch.zeros_like(embedding), self.embedding_prior_scale)
-            kl_embedding = q_embedding.log_prob(embedding) - p_embedding.log_prob(embedding)
-            kl_mask = bernoulli_log_prob(mask, logits) - bernoulli_log_prob(mask, self.mask_prior_logit)
+            prior = self.prior()
+            kl_embedding = q_embedding.log_prob(embedding) - prior["embedding"].log_prob(embedding)
+            # the relaxed mask's log-mass, differentiable in the mask (torch's Bernoulli validates binary values)
+            kl_mask = bernoulli_log_prob(mask, logits) - bernoulli_log_prob(mask, prior["mask"].logits)
             out["kl"] = (kl_embedding + self.mask_kl_weight * kl_mask).sum(-1)
         return out
 
@@ -217,6 +227,10 @@ class DenseMechanism(nn.Module):
         self.embedding_loc = nn.Parameter(torch.zeros(n_perturbations, n_latent))
         self.embedding_log_scale = nn.Parameter(torch.zeros(n_perturbations, n_latent))
 
+    def prior(self) -> dict[str, torch.distributions.Distribution]:
+        r""":math:`p(e_{tk}) = N(0, \sigma_E^2)`."""
+        return {"embedding": Normal(torch.zeros_like(self.embedding_prior_scale), self.embedding_prior_scale)}
+
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.embedding_loc, self.embedding_log_scale]
 
@@ -230,7 +244,7 @@ class DenseMechanism(nn.Module):
         embedding = q_embedding.rsample((n_particles,))
         out = {"shift": embedding, "embedding": embedding}
         if with_kl:
-            kl = q_embedding.log_prob(embedding) - Normal(0.0, self.embedding_prior_scale).log_prob(embedding)
+            kl = q_embedding.log_prob(embedding) - self.prior()["embedding"].log_prob(embedding)
             out["kl"] = kl.sum(-1)
         return out
 
@@ -285,6 +299,10 @@ class SparsePointMechanism(nn.Module):
         self.mask_logits = nn.Parameter(torch.full((n_perturbations, n_latent), float(mask_init_logit)))
         self.means = nn.Parameter(0.1 * torch.randn(n_perturbations, n_latent))
 
+    def prior(self) -> dict[str, torch.distributions.Distribution]:
+        r""":math:`p(\pi_{tk}) = \mathrm{Beta}(1, \beta)` (and :math:`m_{tk} \sim \mathrm{Bern}(\pi_{tk})`)."""
+        return {"mask_probability": Beta(torch.ones_like(self.mask_prior_beta), self.mask_prior_beta)}
+
     def variational_parameters(self) -> list[nn.Parameter]:
         return [self.mask_logits, self.means]
 
@@ -297,7 +315,8 @@ class SparsePointMechanism(nn.Module):
         mask = relaxed_bernoulli_straight_through(logits.expand(n_particles, -1, -1), self.gumbel_temperature)
         out = {"shift": mask * means, "mask": mask, "embedding": means.expand_as(mask)}
         if with_kl:
-            # log Beta(pi; 1, b) = log b + (b - 1) log(1 - pi), with log(1 - pi) from the logits (stable when saturated)
+            # prior()["mask_probability"].log_prob(pi) = log b + (b - 1) log(1 - pi), with log(1 - pi) taken from the
+            # logits (stable when pi saturates at 1, where Beta.log_prob(sigmoid(logits)) is -inf)
             beta = self.mask_prior_beta
             log_prior = torch.log(beta) + (beta - 1) * nn.functional.logsigmoid(-logits)
             out["kl"] = (-log_prior.sum(-1)).expand(n_particles, -1)
@@ -322,6 +341,10 @@ class NoMechanism(nn.Module):
         super().__init__()
         self.n_perturbations, self.n_latent = n_perturbations, n_latent
         self.register_buffer("_anchor", torch.zeros(()))  # gives the mechanism a device and dtype
+
+    def prior(self) -> dict[str, torch.distributions.Distribution]:
+        """No globals, no priors."""
+        return {}
 
     def variational_parameters(self) -> list[nn.Parameter]:
         return []

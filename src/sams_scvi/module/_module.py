@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -40,8 +41,9 @@ class SAMSModule(BaseModuleClass):
     (free location and scale) embedding posterior, and a basal encoder on log-standardised counts that, unless
     ``mean_field_encoder``, also sees the sampled offset :math:`D(M \odot E)`.
 
-    Where each part of the story lives: the globals' priors and guide, :math:`p(M, E)` and :math:`q(M, E)`, in
-    :attr:`mechanism` (:meth:`sample_globals`); :math:`p(z_b) = N(0, I)` in :meth:`local_terms`; the shift
+    Where each part of the story lives: the priors, named as in the paper, in :meth:`prior` (:math:`p(z_b)` here,
+    the globals' :math:`p(M), p(E)` from :attr:`mechanism`); the globals' guide :math:`q(M, E)` in :attr:`mechanism`
+    (:meth:`sample_globals`, which also returns their KL against the prior); the shift
     :math:`z = z_b + D(M \odot E)` in :meth:`latent_offset` and, for any basal states under any conditions (with
     penetrance responses drawn), :meth:`perturbed_latent`; :math:`p(x \mid z)` in :meth:`generative`, which returns
     it as a distribution (:class:`~sams_scvi.module.CountLikelihood` or
@@ -136,9 +138,10 @@ class SAMSModule(BaseModuleClass):
         self.mechanism = build_mechanism(mechanism, n_perturbations, n_latent, **mechanism_kwargs)
         self.mean_field_encoder = mean_field_encoder or not self.mechanism.encoder_sees_offset
 
-        # Fixed data statistics (buffers: saved with the model, moved with .to()).
-        self.register_buffer("x_log_mean", torch.zeros(n_input))
-        self.register_buffer("x_log_std", torch.ones(n_input))
+        # Fixed data statistics (buffers: saved with the model, moved with .to()): the gene-wise mean and standard
+        # deviation of the encoder's input transform, log1p(x) for counts and x itself under "normal" (normalize).
+        self.register_buffer("input_mean", torch.zeros(n_input))
+        self.register_buffer("input_std", torch.ones(n_input))
         self.register_buffer("normalization_fitted", torch.tensor(False))
         self.register_buffer("train_perturbation_counts", torch.zeros(n_perturbations))
 
@@ -169,13 +172,52 @@ class SAMSModule(BaseModuleClass):
             else None
         )
 
+    # Names of the input statistics before 0.3 ("x_log_*" although under "normal" they are not of log counts); kept
+    # as aliases, and models saved with them load.
+    _RENAMED_BUFFERS = {"x_log_mean": "input_mean", "x_log_std": "input_std"}
+
+    @property
+    def x_log_mean(self) -> torch.Tensor:
+        """Alias of :attr:`input_mean` (its name before 0.3)."""
+        return self.input_mean
+
+    @property
+    def x_log_std(self) -> torch.Tensor:
+        """Alias of :attr:`input_std` (its name before 0.3)."""
+        return self.input_std
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for old, new in self._RENAMED_BUFFERS.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         if self.penetrance_logit is not None and prefix + "penetrance_logit" not in state_dict:
             # saved before `penetrance` existed: the paper's model, in which every perturbed cell responds
             self.penetrance_logit = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # ------------------------------------------------------------------ global variables
+    # ------------------------------------------------------------------ priors and global variables
+    def prior(self) -> dict[str, torch.distributions.Distribution]:
+        r"""The priors, named as in the paper; each is per entry (cell and latent dimension, or perturbation).
+
+        ``"z_basal"`` :math:`N(0, 1)` and the mechanism's (SAMS-VAE: ``"mask"`` :math:`\mathrm{Bern}(\alpha)`,
+        ``"embedding"`` :math:`N(0, \sigma_E^2)`), and under penetrance ``"penetrance"`` :math:`\mathrm{Beta}(a, 1)`
+        (a MAP penalty on the point estimate :math:`\pi_t`).
+        """
+        priors = {"z_basal": self.basal_prior(), **self.mechanism.prior()}
+        if self.models_penetrance:
+            a = torch.tensor(float(self.penetrance_prior), device=self.penetrance_logit.device)
+            priors["penetrance"] = torch.distributions.Beta(a, torch.ones_like(a))
+        return priors
+
+    def basal_prior(self) -> Normal:
+        r""":math:`p(z_b) = N(0, I)`, per latent dimension.
+
+        For SVAE+, whose encoder infers :math:`z`, this is :math:`p(z) = N(D(M \odot \mu), I)` read on
+        :math:`z_b = z - \mathrm{offset}`.
+        """
+        anchor = self.log_dispersion
+        return Normal(anchor.new_zeros(()), anchor.new_ones(()))
+
     def global_variational_parameters(self) -> list[nn.Parameter]:
         """The mechanism's free per-perturbation variational parameters (e.g. mask logits, embedding locations)."""
         extra = [] if self.penetrance_logit is None else [self.penetrance_logit]
@@ -393,9 +435,8 @@ class SAMSModule(BaseModuleClass):
         # deterministic given the globals, so that get_latent and the response probabilities are reproducible
         qz = out["qz"]
         loc = qz.loc if qz.loc.dim() == 3 else qz.loc[None]
-        _, z_mean = self.split_encoded(loc, out["offset"])
-        prior_mean = torch.zeros_like(loc) if self.mechanism.encodes_basal else out["offset"]
-        kl_basal = torch.distributions.kl_divergence(Normal(loc, qz.scale), Normal(prior_mean, 1.0)).sum(-1)
+        basal_loc, z_mean = self.split_encoded(loc, out["offset"])
+        kl_basal = torch.distributions.kl_divergence(Normal(basal_loc, qz.scale), self.basal_prior()).sum(-1)
         at_mean = {**out, "z": z_mean}
         generative_outputs = self.generative(**self._get_generative_input(tensors, at_mean))
         log_likelihood, _ = self.local_terms(tensors, out, generative_outputs)
@@ -501,7 +542,7 @@ class SAMSModule(BaseModuleClass):
         :math:`m_g, s_g` are training-split gene statistics of the same transform.
         """
         values = torch.log1p(x) if self.px_class.log_input else x
-        return (values - self.x_log_mean) / self.x_log_std
+        return (values - self.input_mean) / self.input_std
 
     @auto_move_data
     def inference(
@@ -607,7 +648,7 @@ class SAMSModule(BaseModuleClass):
         Under penetrance, per particle and response pattern (S, R) (see :meth:`inference`).
         """
         log_q = inference_outputs["qz"].log_prob(inference_outputs["z_encoded"])
-        kl_basal = (log_q - Normal(0.0, 1.0).log_prob(inference_outputs["z_basal"])).sum(-1)
+        kl_basal = (log_q - self.basal_prior().log_prob(inference_outputs["z_basal"])).sum(-1)
         x = tensors[SAMS_REGISTRY_KEYS.X_KEY].to(kl_basal.device)
         cells = inference_outputs["branches"]["cells"] if "branches" in inference_outputs else None
         # under penetrance the rows are response patterns of the cells
@@ -715,20 +756,37 @@ class SAMSModule(BaseModuleClass):
         return torch.logsumexp(log_w, 0) - math.log(n_draws)
 
     @torch.inference_mode()
+    def posterior_predictive(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, transform_batch: Sequence[int | None] = (None,)
+    ) -> list[CountLikelihood | GaussianLikelihood]:
+        r""":math:`p(\hat x \mid x)` of each cell in its own state: one distribution (S, n, G) per ``transform_batch``.
+
+        Per sample, the globals are drawn from :math:`q`, then the cell's basal state and (under penetrance) its
+        response pattern from their posterior (:meth:`infer_cells`); the same states are decoded in each batch of
+        ``transform_batch`` (``None``: each cell's own).
+        """
+        cells = self.infer_cells(tensors, self.sample_globals(n_samples, with_kl=False))
+        design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(cells["z"].device)
+        covariates = self.covariate_codes(tensors)
+        return [
+            self.generative(cells["z"], cells["library"], covariates, design=design, transform_batch=batch)["px"]
+            for batch in transform_batch
+        ]
+
+    @torch.inference_mode()
     def sample(
         self, tensors: dict[str, torch.Tensor], n_samples: int = 1, generative_kwargs: dict | None = None
     ) -> torch.Tensor:
         r"""Posterior-predictive draws, one row per cell: (n, G), or (n, G, n_samples) when ``n_samples > 1``.
 
-        Per sample, the globals are drawn from :math:`q`, then the cell's basal state and (under penetrance) its
-        response pattern from their posterior (:meth:`infer_cells`), and :math:`x` from :math:`p(x \mid z)`.
-        ``generative_kwargs`` go to :meth:`generative` (e.g. ``transform_batch``), as in scvi-tools' modules.
+        Draws :math:`x` from :meth:`posterior_predictive`; ``generative_kwargs`` go to :meth:`generative` (e.g.
+        ``transform_batch``), as in scvi-tools' modules.
         """
-        global_samples = self.sample_globals(n_samples, with_kl=False)
-        cells = self.infer_cells(tensors, global_samples)
-        design = tensors[SAMS_REGISTRY_KEYS.PERTURBATION_KEY].to(cells["z"].device)
-        px = self.generative(
-            cells["z"], cells["library"], self.covariate_codes(tensors), design=design, **(generative_kwargs or {})
-        )["px"]
-        draws = px.sample().cpu()  # (S, n, G)
+        kwargs = dict(generative_kwargs or {})
+        transform_batch = kwargs.pop("transform_batch", None)
+        if kwargs:
+            raise TypeError(
+                f"Unknown generative_kwargs {sorted(kwargs)}; the module's generative takes transform_batch."
+            )
+        draws = self.posterior_predictive(tensors, n_samples, (transform_batch,))[0].sample().cpu()  # (S, n, G)
         return draws[0] if n_samples == 1 else draws.permute(1, 2, 0)
