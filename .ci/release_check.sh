@@ -97,6 +97,7 @@ with zipfile.ZipFile(wheel) as zf:
     dist_info = f"sams_scvi-{wheel_version}.dist-info"
     missing = sorted(set(sources) - names)
     need(not missing, f"wheel lacks package files: {missing}")
+    need("sams_scvi/py.typed" in names, "wheel lacks sams_scvi/py.typed (PEP 561: type checkers read the annotations)")
     for name, path in data.items():
         if name in names:
             need(zf.read(name) == path.read_bytes(), f"wheel: {name} differs from the source file")

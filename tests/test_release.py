@@ -79,6 +79,35 @@ def test_console_script_help():
     assert "demo" in result.stdout and "train" in result.stdout
 
 
+def test_ships_the_typing_marker():
+    # PEP 561: without py.typed, type checkers ignore the package's annotations
+    assert (importlib.resources.files("sams_scvi") / "py.typed").is_file()
+
+
+HEAVY_MODULES = ("torch", "scvi", "lightning", "pandas", "anndata", "scanpy")
+
+
+def test_import_and_command_line_parsing_load_no_heavy_library():
+    # `sams-scvi --help` and argument errors must answer before torch and scvi-tools load (seconds); a fresh
+    # interpreter, since this one has imported them
+    code = (
+        "import sys, sams_scvi, sams_scvi.cli as cli\n"
+        "parser = cli.build_parser()\n"
+        "assert parser.parse_args(['screen', 'm', '--output', 'o.csv']).command == 'screen'\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_public_names_load_on_first_use():
+    assert sams_scvi.SAMSVAE.__name__ == "SAMSVAE"
+    assert sams_scvi.evaluate is sams_scvi.metrics.evaluate
+    assert set(sams_scvi.__all__) <= set(dir(sams_scvi))
+    with pytest.raises(AttributeError, match="no attribute 'NotAModel'"):
+        sams_scvi.NotAModel  # noqa: B018
+
+
 def test_one_epoch_train_on_bundled_data():
     scvi.settings.seed = 0
     scvi.settings.dl_num_workers = 0

@@ -14,3 +14,5 @@ ALIGN_THRESHOLD = 0.3
 ALIGN_MASK_LOGIT = 8.0
 #: The simple predictors every evaluation can score beside a model (``sams_scvi.metrics.baseline_ate``).
 BASELINES = ("control", "additive", "mean_perturbed")
+#: The numeric columns ``screen_combinations`` can rank the pairs by (largest first).
+SCREEN_RANKS = ("effect_norm", "non_additivity_norm", "n_credible_effect", "n_credible_non_additive")

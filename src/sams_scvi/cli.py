@@ -13,10 +13,9 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from sams_scvi._defaults import BASELINES, N_LATENT
+from sams_scvi._defaults import BASELINES, N_LATENT, SCREEN_RANKS
 
 # Exceptions that, raised while running a verb, mean "the input or the arguments are wrong" rather than "the
 # package has a bug"; they are reported in one line. Anything else keeps Python's traceback.
@@ -25,6 +24,12 @@ _USER_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError)
 # The baselines `sams_scvi.metrics.baseline_ate` knows; checked at parse time, since `evaluate` computes them
 # after the (slow) model metrics.
 _BASELINES = BASELINES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Only the standard library and sams_scvi._defaults are imported here: `--help` and argument errors answer before
+# torch, scvi-tools or pandas load (each verb imports what it needs).
 
 _MODEL_HELP = "folder written by 'sams-scvi train' (holds model.pt)"
 
@@ -313,6 +318,8 @@ def _evaluate(args: argparse.Namespace) -> None:
             progress_bar=False,
             **labels,
         )
+    import pandas as pd
+
     table = pd.concat(tables, names=["predictor"])
     table.to_csv(args.output)
     print(table.round(3).to_string())
@@ -364,8 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     -------
     The parser; every verb's subparser sets ``func``, the function that runs it.
     """
-    from .model._ate import SCREEN_RANKS  # the columns screen_combinations can rank by
-
     parser = argparse.ArgumentParser(
         prog="sams-scvi",
         description="SAMS-VAE for single-cell perturbation screens: train on an h5ad of raw counts, then\n"

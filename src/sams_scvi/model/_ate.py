@@ -15,6 +15,7 @@ from scipy import sparse, stats
 from scvi.utils import track
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._defaults import SCREEN_RANKS
 from sams_scvi._utils import _as_labels, _check_number, _check_positive, _seeded
 
 from ._convergence import warn_if_unsettled
@@ -395,9 +396,6 @@ class TreatmentEffectMixin:
         if self.adata is None or key not in self.adata.obs:
             return pd.Series(dtype=int)
         return self.adata.obs[key].astype(str).str.strip().value_counts()
-
-
-SCREEN_RANKS = ("effect_norm", "non_additivity_norm", "n_credible_effect", "n_credible_non_additive")
 
 
 def check_rank_by(rank_by: str) -> None:
