@@ -248,3 +248,16 @@ def test_evaluate_per_perturbation_rows():
     assert list(table.index) == [("train", "A"), ("train", "B"), ("test", "A+B")]
     assert table.loc[("test", "A+B"), "n_cells"] == 4
     assert table.loc[("test", "A+B"), "pearson"] == pytest.approx(1.0)  # the screen is exactly additive
+
+
+def test_baseline_on_a_mudata_needs_to_know_its_rna_modality(tapseq):
+    import mudata as md
+
+    adata = tapseq[:300].copy()
+    other = ad.AnnData(np.ones((adata.n_obs, 3), np.float32))
+    other.obs_names = adata.obs_names
+    mdata = md.MuData({"gex": adata, "adt": other})
+    mdata.obs["perturbation"] = adata.obs["perturbation"].astype(str).to_numpy()
+    split = [np.arange(200), np.arange(200, 250), np.arange(250, 300)]
+    with pytest.raises(ValueError, match=r"Which modality .* \['gex', 'adt'\]"):
+        metrics.evaluate("additive", mdata, split, progress_bar=False)

@@ -1,5 +1,6 @@
 """SAMSVAE end to end on the bundled real TAP-seq screen."""
 
+import anndata as ad
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -210,6 +211,30 @@ def test_batch_covariates_and_mudata(tapseq):
     assert ate.shape == (1, adata.n_vars) and np.all(np.isfinite(ate.X))
     pred = model.predict_perturbation(["CPQ"], progress_bar=False, n_samples=2)
     assert pred.n_vars == adata.n_vars
+
+
+def test_mudata_with_a_second_modality_de_and_evaluate(tapseq):
+    adata = tapseq[:900].copy()
+    protein = ad.AnnData(np.random.default_rng(0).poisson(5, (adata.n_obs, 10)).astype(np.float32))
+    protein.obs_names = adata.obs_names
+    mdata = md.MuData({"rna": adata, "protein": protein})
+    mdata.obs["perturbation"] = adata.obs["perturbation"].astype(str).to_numpy()
+    sams_scvi.SAMSVAE.setup_mudata(mdata, perturbation_key="perturbation", modalities={"rna_layer": "rna"})
+    model = sams_scvi.SAMSVAE(mdata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **TRAIN_KW)
+
+    de = model.differential_expression(groupby="perturbation", group1="GATA1", batch_size=256, silent=True)
+    assert sorted(de.index) == sorted(adata.var_names)  # the RNA genes, not every modality's features
+    assert np.isfinite(de["bayes_factor"]).all()
+    assert not [c for c in mdata.obs.columns if c.startswith("_scvi_raw")]  # scvi-tools' scratch column removed
+
+    split = [np.arange(0, 600), np.arange(600, 750), np.arange(750, 900)]
+    scores = sams_scvi.evaluate(model, mdata, split, n_ate_samples=20, n_iwelbo_samples=2, progress_bar=False)
+    assert np.isfinite(scores.loc["test", "iwelbo"]) and scores.loc["test", "n_perturbations"] > 0
+    # the data-side numbers are those of the RNA modality's AnnData
+    on_mudata = sams_scvi.evaluate("additive", mdata, split, progress_bar=False)
+    on_rna = sams_scvi.evaluate("additive", adata, split, progress_bar=False)
+    pd.testing.assert_frame_equal(on_mudata, on_rna)
 
 
 def test_ate_chunks_cover_every_sample_with_its_covariates(tapseq, monkeypatch):

@@ -8,20 +8,21 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from mudata import MuData
 from scvi.utils import track
 
 from sams_scvi._utils import _as_positions, _check_seed
 from sams_scvi.metrics._ate import ate_metrics, ate_metrics_per_perturbation, observed_ate
 from sams_scvi.metrics._baselines import baseline_ate
 from sams_scvi.metrics._noise import random_halves
-from sams_scvi.metrics._utils import obs_labels
+from sams_scvi.metrics._utils import obs_labels, rna_counts
 
 SUBSETS = ("train", "validation", "test", "all")
 
 
 def evaluate(
     predictor,
-    adata: AnnData,
+    adata: AnnData | MuData,
     split: Sequence[Sequence[int] | Sequence[bool] | Sequence[str]] | None = None,
     subsets: Sequence[str] = SUBSETS,
     perturbation_key: str | None = None,
@@ -53,7 +54,8 @@ def evaluate(
         baseline name for :func:`~sams_scvi.metrics.baseline_ate` (``"control"``, ``"additive"``,
         ``"mean_perturbed"``), which is fitted on the training cells.
     adata
-        Raw counts with labels in ``obs[perturbation_key]``.
+        Raw counts with labels in ``obs[perturbation_key]``, or a MuData (the model's, set up with
+        ``setup_mudata``; its RNA modality holds the counts).
     split
         ``[train, validation, test]``, each as cell positions, a boolean mask or obs names (unique
         ``adata.obs_names``), e.g. from :func:`~sams_scvi.metrics.combination_split`. A part may be empty.
@@ -99,7 +101,10 @@ def evaluate(
     delimiter = delimiter or setup.get("delimiter") or "+"
     if layer is None and setup.get("layer") is not None:
         layer = setup["layer"]
-    labels = obs_labels(adata, perturbation_key)
+    # the data's counts and labels, read as the model reads them (for a MuData, its RNA modality); the model's own
+    # calls keep `adata`, the data it was set up with
+    counts, layer = rna_counts(adata, setup, perturbation_key, layer)
+    labels = obs_labels(counts, perturbation_key)
     if split is None:
         if is_baseline:
             raise ValueError("A baseline needs `split` (its training cells).")
@@ -130,7 +135,7 @@ def evaluate(
         normal = not is_baseline and getattr(predictor.module, "likelihood", "nb") == "normal"
         scale = "none" if normal else "log2"
     observed = observed_ate(
-        adata,
+        counts,
         perturbation_key,
         control_value,
         perturbations=everything,
@@ -140,7 +145,7 @@ def evaluate(
     )
     if is_baseline:
         predicted = baseline_ate(
-            adata,
+            counts,
             predictor,
             everything,
             perturbation_key,

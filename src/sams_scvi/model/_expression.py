@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from mudata import MuData
 from scipy import stats
 from scvi.model.base import RNASeqMixin, VAEMixin
 
@@ -320,11 +322,60 @@ class ExpressionMixin:
         columns = set(data.obs.columns) if data is not None else set()
         try:
             with _seeded(seed, self.device):
+                if isinstance(data, MuData):
+                    return self._differential_expression_mudata(data, bound)
                 return RNASeqMixin.differential_expression(self, *args, **kwargs)
         finally:
             if data is not None:  # scvi-tools leaves its scaling column (_scvi_raw_norm_scaling) in the data
                 added = [c for c in data.obs.columns if c not in columns and str(c).startswith("_scvi")]
                 data.obs.drop(columns=added, inplace=True)
+
+    def _differential_expression_mudata(self, mdata: MuData, arguments: dict) -> pd.DataFrame:
+        """scvi-tools' DE core on a MuData, with the registered RNA modality's genes as the table's rows.
+
+        scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.differential_expression` labels the rows with the
+        MuData's ``var_names``, those of every modality; the expression and the count statistics are the RNA
+        modality's, so any other modality made the table fail to build.
+        """
+        from scvi.model._utils import scrna_raw_counts_properties
+        from scvi.model.base._de_core import _de_core
+
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(RNASeqMixin.differential_expression).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        options = {**defaults, **{k: v for k, v in arguments.items() if k not in ("self", "kwargs")}}
+        mdata = self._validate_anndata(mdata)
+        model_fn = partial(
+            self.get_normalized_expression,
+            return_numpy=True,
+            n_samples=1,
+            batch_size=options["batch_size"],
+            weights=options["weights"],
+            **(options["importance_weighting_kwargs"] or {}),
+        )
+        return _de_core(
+            self.get_anndata_manager(mdata, required=True),
+            model_fn,
+            self.get_latent_representation if options["filter_outlier_cells"] else None,
+            options["groupby"],
+            options["group1"],
+            options["group2"],
+            options["idx1"],
+            options["idx2"],
+            options["all_stats"],
+            scrna_raw_counts_properties,
+            pd.Index(self._gene_names),
+            options["mode"],
+            options["batchid1"],
+            options["batchid2"],
+            options["delta"],
+            options["batch_correction"],
+            options["fdr_target"],
+            options["silent"],
+            **arguments.get("kwargs", {}),
+        )
 
     def get_reconstruction_error(self, *args, seed: int | None = 0, **kwargs) -> dict[str, float]:
         """scvi-tools' :meth:`~scvi.model.base.VAEMixin.get_reconstruction_error`, reproducible by ``seed``.
