@@ -26,7 +26,7 @@ _LAZY = {
     "evaluate": ".metrics",
     "paper_models": "._compare",
 }
-_SUBPACKAGES = ("data", "metrics", "model", "module", "pl", "tl")
+_SUBPACKAGES = ("data", "hub", "metrics", "model", "module", "pl", "tl")
 
 __all__ = [
     "CPAVAE",

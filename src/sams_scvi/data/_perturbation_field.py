@@ -396,11 +396,35 @@ class PerturbationField(BaseAnnDataField):
                 warnings.warn(message, UserWarning, stacklevel=6)
         return state
 
-    def transfer_field(self, state_registry: dict, adata_target, **kwargs) -> dict:
+    def transfer_field(self, state_registry: dict, adata_target, extend_categories: bool = False, **kwargs) -> dict:
+        """Encode ``adata_target`` with the source's design columns.
+
+        ``extend_categories`` (scvi-tools' query mapping): perturbations the source does not have become new
+        columns after its own, in sorted order; otherwise they raise a ``ValueError``. The state records in
+        ``reference_control_cells`` the control cells of the source's data (and of its own references).
+        """
         super().transfer_field(state_registry, adata_target, **kwargs)
         self.validate_field(adata_target)
-        design, vocabulary = self._encode(adata_target, vocabulary=state_registry["vocabulary"])
-        return self._state(adata_target, design, vocabulary)
+        vocabulary = list(state_registry["vocabulary"])
+        if extend_categories:
+            _, found = parse_perturbations(
+                adata_target.obs[self.perturbation_key],
+                control_value=self.control_value,
+                delimiter=self.delimiter,
+                label_source=f"adata.obs[{self.perturbation_key!r}]",
+                unique_combinations=self.encode_combinations == "unique",
+            )
+            vocabulary += sorted(set(found) - set(vocabulary))
+        design, vocabulary = self._encode(adata_target, vocabulary=vocabulary)
+        state = self._state(adata_target, design, vocabulary)
+        # control cells of the models this registration descends from (a query model's reference learned the
+        # unperturbed state from them even when the query has none)
+        inherited = state_registry.get("reference_control_cells", 0)
+        if extend_categories:
+            inherited += state_registry["n_control_cells"]
+        if inherited:
+            state["reference_control_cells"] = int(inherited)
+        return state
 
     def get_summary_stats(self, state_registry: dict) -> dict:
         return {"n_perturbations": len(state_registry["vocabulary"])}

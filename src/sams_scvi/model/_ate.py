@@ -299,7 +299,7 @@ class TreatmentEffectMixin:
         see :meth:`estimate_ate`.
         """
         state = self._perturbation_state
-        if state["n_control_cells"] == 0:
+        if state["n_control_cells"] + state.get("reference_control_cells", 0) == 0:
             raise ValueError(
                 "The training data has no control cells: the ATE compares each perturbation with the unperturbed "
                 "(control) state, which the model can only learn from control cells. Register data with cells "

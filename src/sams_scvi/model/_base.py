@@ -61,6 +61,7 @@ from ._expression import ExpressionMixin
 from ._latent import LatentMixin
 from ._mechanism import MechanismMixin
 from ._prediction import PredictionMixin
+from ._query import QueryMixin
 from ._save_load import SaveLoadMixin
 from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
 from ._training_plan import SAMSTrainingPlan
@@ -113,6 +114,7 @@ def _registration_copy(adata: AnnData) -> AnnData:
 
 class BasePerturbationModel(
     SaveLoadMixin,
+    QueryMixin,
     MechanismMixin,
     TreatmentEffectMixin,
     PredictionMixin,
@@ -319,7 +321,7 @@ class BasePerturbationModel(
         state = adata_manager.get_state_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
         control, delimiter = state["control_value"], state["delimiter"]
         messages = label_warnings(state["observed_labels"], state["vocabulary"], control, delimiter)
-        if state["n_control_cells"] == 0:
+        if state["n_control_cells"] + state.get("reference_control_cells", 0) == 0:
             candidates = control_candidates([*state["observed_labels"], *state["vocabulary"]])
             messages.append(
                 f"No cells are labelled {control!r}: the model can be trained, but average treatment effects "
@@ -465,6 +467,8 @@ class BasePerturbationModel(
             max_epochs = default_max_epochs(n_train, batch_size, self._typical_training_cells(n_train))
         interrupt = InterruptWatch()
         trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), interrupt]
+        if getattr(self, "_reference_entries", None) is not None:  # a query model: train only its new entries
+            trainer_kwargs["callbacks"].append(self._reference_entries)
         with quiet_dependencies(), reuse_freed_memory(enabled=reuse_cpu_memory), flush_denormals():
             try:
                 result = super().train(

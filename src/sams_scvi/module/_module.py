@@ -223,6 +223,28 @@ class SAMSModule(BaseModuleClass):
         extra = [] if self.penetrance_logit is None else [self.penetrance_logit]
         return self.mechanism.variational_parameters() + extra
 
+    def perturbation_axes(self) -> dict[str, int]:
+        """State-dict entries with one slice per perturbation, and that axis: what grows when perturbations are added.
+
+        The mechanism's per-perturbation variational parameters and the penetrance logits (rows), the first layers
+        that read the treatment vector (columns; the conditional VAE) and the training cell counts.
+        """
+        per_perturbation = {id(p) for p in self.global_variational_parameters()}
+        axes = {name: 0 for name, p in self.named_parameters() if id(p) in per_perturbation}
+        for layer in ("design_projection", "decoder_design"):
+            if getattr(self, layer) is not None:
+                axes[f"{layer}.weight"] = 1
+        axes["train_perturbation_counts"] = 0
+        return axes
+
+    def covariate_axes(self) -> dict[str, int]:
+        """State-dict entries with one row per category of a covariate (the decoder's covariate embeddings)."""
+        return {
+            f"decoder_covariates.embeddings.{j}.weight": 0
+            for j, embedding in enumerate(self.decoder_covariates.embeddings)
+            if embedding is not None
+        }
+
     @property
     def _draws_present_only(self) -> bool:
         """Whether a minibatch draws only the globals of the perturbations it carries.

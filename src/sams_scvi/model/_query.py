@@ -1,0 +1,304 @@
+"""Reference models: map new cells, batches and perturbations onto a trained model (scArches-style)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from lightning.pytorch.callbacks import Callback
+from scipy import sparse
+
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+from sams_scvi._defaults import ALIGN_MASK_LOGIT, ALIGN_THRESHOLD
+from sams_scvi.module._alignment import active_entries
+
+from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
+
+
+class KeepReferenceEntries(Callback):
+    """Train only the entries a query added, and keep the reference's training cell counts.
+
+    ``new_entries`` (parameter name -> boolean mask of its new entries): before each optimiser step the gradient of
+    every other entry is zeroed, so that with Adam and no weight decay the reference's networks, perturbations and
+    covariate categories never move (parameters without new entries do not even compute gradients: they are
+    frozen when the query model is built). ``None``: everything trains (fine-tuning). At the end of each fit the
+    reference's training cell counts are added back to those of the perturbations it knew, which the fit had set
+    to the query's.
+    """
+
+    def __init__(self, new_entries: dict[str, torch.Tensor] | None, reference_counts: torch.Tensor) -> None:
+        super().__init__()
+        self.new_entries = new_entries
+        self.reference_counts = reference_counts
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.new_entries is None:
+            return
+        for name, parameter in pl_module.module.named_parameters():
+            new = self.new_entries.get(name)
+            if parameter.grad is not None and new is not None:
+                parameter.grad.masked_fill_(~new.to(parameter.grad.device), 0.0)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        counts = pl_module.module.train_perturbation_counts
+        counts[: len(self.reference_counts)] += self.reference_counts.to(counts)
+
+
+def transplant_reference(reference, module) -> dict[str, torch.Tensor]:
+    """Copy the reference module's state into a ``module`` built for more perturbations or covariate categories.
+
+    Entries along a perturbation or category axis that the reference lacks keep ``module``'s initialisation
+    (new perturbations start as a fresh model's do; a new covariate category at zero, i.e. as the reference's
+    first category when it had one category only and so no embedding). Returns, per parameter that gained
+    entries, a boolean mask of them (True: new).
+    """
+    source_state = reference.state_dict()
+    growing = {**module.perturbation_axes(), **module.covariate_axes()}
+    reference_categories = reference.decoder_covariates.n_cats_per_cov
+    new_entries = {}
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, target in module.state_dict().items():
+            source = source_state.get(name)
+            if source is None and name in module.covariate_axes():
+                # the reference had one category of this covariate, hence no embedding: its category adds zero
+                j = int(name.split(".")[2])
+                source = torch.zeros(reference_categories[j], target.shape[1], dtype=target.dtype)
+                target.zero_()
+            if source is None:
+                raise ValueError(f"The reference model has no {name!r}: it was built differently from this model.")
+            if source.shape == target.shape:
+                target.copy_(source)
+                continue
+            axis = growing.get(name)
+            others_match = axis is not None and all(
+                a == b for i, (a, b) in enumerate(zip(source.shape, target.shape, strict=True)) if i != axis
+            )
+            if not others_match or source.shape[axis] > target.shape[axis]:
+                raise ValueError(
+                    f"{name!r} has shape {tuple(source.shape)} in the reference and {tuple(target.shape)} here; only "
+                    "perturbations and covariate categories can be added to a reference model."
+                )
+            old = [slice(None)] * target.dim()
+            old[axis] = slice(0, source.shape[axis])
+            target[tuple(old)] = source.to(target)
+            if name in parameters:
+                mask = torch.ones_like(target, dtype=torch.bool)
+                mask[tuple(old)] = False
+                new_entries[name] = mask
+    return new_entries
+
+
+class QueryMixin:
+    """``prepare_query_anndata``, ``load_query_data`` and ``add_perturbations``: reuse a trained reference model.
+
+    SAMS-VAE's mechanism is global and per perturbation, and the decoder reads each covariate category through
+    one learned row, so new cells, batches and perturbations need only their own new entries trained while the
+    rest of the reference stays fixed.
+    """
+
+    @classmethod
+    def prepare_query_anndata(
+        cls, adata: AnnData, reference_model, return_reference_var_names: bool = False
+    ) -> AnnData | pd.Index:
+        """The query's cells with the reference's genes, in its order; genes the query lacks are zero counts.
+
+        Unlike scvi-tools' version this never changes ``adata``: it returns a new AnnData (sharing nothing it
+        would have to rewrite). ``reference_model``: a trained model or a folder written by ``save``.
+        """
+        genes = pd.Index(_reference(cls, reference_model)._gene_names)
+        if return_reference_var_names:
+            return genes
+        if not adata.var_names.is_unique:
+            raise ValueError("The query's var_names repeat; make them unique (adata.var_names_make_unique()).")
+        present = genes.isin(adata.var_names)
+        if not present.any():
+            raise ValueError(
+                f"The query shares no gene with the reference (e.g. reference {list(genes[:3])}, query "
+                f"{list(adata.var_names[:3])}); use the same gene identifiers."
+            )
+        if not present.all():
+            warnings.warn(
+                f"{int((~present).sum())} of the reference's {len(genes)} genes are not in the query (e.g. "
+                f"{list(genes[~present][:3])}); they are filled with zero counts, which the model reads as unexpressed.",
+                UserWarning,
+                stacklevel=2,
+            )
+        columns = adata.var_names.get_indexer(genes)
+        take = np.where(columns >= 0, columns, 0)
+
+        def reorder(matrix):
+            matrix = matrix[:, take]
+            if present.all():
+                return matrix
+            if sparse.issparse(matrix):
+                return sparse.csr_matrix(matrix.multiply(present[None, :].astype(matrix.dtype)))
+            return np.where(present[None, :], matrix, 0)
+
+        return AnnData(
+            X=None if adata.X is None else reorder(adata.X),
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=genes.copy()),
+            layers={key: reorder(value) for key, value in adata.layers.items()},
+            obsm=dict(adata.obsm.items()),
+        )
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model, unfrozen: bool = False):
+        """A model for the query ``adata`` built on a trained reference, as scvi-tools' ``load_query_data``.
+
+        The query is set up as the reference's data was; its new batch or covariate categories and new
+        perturbations get new entries (a decoder row per category, a mechanism per perturbation), and only these
+        are trained by ``train`` unless ``unfrozen``. The reference's encoder, decoder, input statistics and known
+        perturbations stay exactly as trained (their gradients are zeroed and nothing decays them), and the axis
+        alignment of the recipe is off (it would rotate the whole latent space).
+
+        Parameters
+        ----------
+        adata
+            Query cells with the reference's genes (see :meth:`prepare_query_anndata`), raw counts, and the obs
+            columns the reference was set up with. It is registered in place, as by ``setup_anndata``.
+        reference_model
+            A trained model of this class, or a folder written by its ``save``.
+        unfrozen
+            Train every parameter on the query (fine-tuning) instead of the new entries only.
+
+        Returns
+        -------
+        A new model whose data is ``adata``; call ``train`` on it.
+        """
+        reference = _reference(cls, reference_model)
+        if not reference.is_trained_:
+            raise ValueError("The reference model is not trained; train it (or load a trained one) first.")
+        genes = pd.Index(reference._gene_names)
+        registry = reference.registry_
+        rna = registry["setup_args"].get("modalities", {}).get("rna_layer") if hasattr(adata, "mod") else None
+        query_genes = (adata.mod[rna] if rna is not None else adata).var_names
+        if not query_genes.equals(genes):
+            raise ValueError(
+                "The query's genes are not the reference's, in its order; prepare it with "
+                f"{cls.__name__}.prepare_query_anndata(adata, reference_model)."
+            )
+        setup = getattr(cls, registry["setup_method_name"])
+        setup(adata, source_registry=registry, extend_categories=True, **registry["setup_args"])
+        init = reference.init_params_
+        kwargs = {key: value for group in init.get("kwargs", {}).values() for key, value in group.items()}
+        non_kwargs = {
+            key: value for key, value in init.get("non_kwargs", {}).items() if key not in ("adata", "registry")
+        }
+        model = cls(adata, **non_kwargs, **kwargs)
+        new_entries = transplant_reference(reference.module, model.module)  # the reference stays where it is
+        reference_counts = reference.module.train_perturbation_counts.detach().cpu().clone()
+        # no axis alignment: it rotates the whole latent space, the reference's included
+        plan = {**getattr(model, "_recipe_plan_kwargs", {}), "align_after_updates": None}
+        plan.pop("align_at", None)
+        if not unfrozen:
+            plan["weight_decay"] = 0.0  # a decayed reference entry would move although its gradient is zero
+            for name, parameter in model.module.named_parameters():
+                parameter.requires_grad_(name in new_entries)
+        model._reference_entries = KeepReferenceEntries(None if unfrozen else new_entries, reference_counts)
+        model._recipe_plan_kwargs = plan
+        model.module.train_perturbation_counts[: len(reference_counts)] = reference_counts
+        model.is_trained_ = not new_entries and not unfrozen
+        if model.is_trained_:
+            warnings.warn(
+                "The query has no batch, covariate category or perturbation the reference lacks, so there is nothing "
+                "to train: the returned model reads the query with the reference as it is (no train() needed). Pass "
+                "unfrozen=True to fine-tune the whole model on the query.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return model
+
+    def add_perturbations(
+        self,
+        adata: AnnData,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
+        train_size: float = 0.9,
+        **train_kwargs,
+    ):
+        """Learn the mechanism of perturbations absent from training from their cells, everything else fixed.
+
+        A new model is returned (this one is not changed): the new perturbations' masks, embeddings and
+        penetrance are trained on the cells of ``adata`` that carry one of them (alone or with known ones); the
+        networks and the known perturbations stay as trained. The new model predicts the new perturbations alone
+        and in combination with every known one.
+
+        Parameters
+        ----------
+        adata
+            Cells with the reference's genes and obs columns; labels may name new perturbations (``"NEW"``,
+            ``"NEW+KNOWN"``). Cells without a new perturbation are registered but not trained on.
+        max_epochs, batch_size
+            As in ``train``; ``None``: enough epochs for each new perturbation's mechanism to be updated as often
+            as the default training updates a typical perturbation.
+        train_size
+            Fraction of the new perturbations' cells to train on; the rest validate.
+        **train_kwargs
+            Further arguments of ``train``.
+
+        Returns
+        -------
+        The extended, trained model.
+        """
+        known = set(self.perturbations)
+        model = type(self).load_query_data(adata, self)
+        vocabulary = model.perturbations
+        added = [name for name in vocabulary if name not in known]
+        if not added:
+            raise ValueError(
+                "The cells carry no perturbation the model does not know already; predict them with this model "
+                "(predict_perturbation, estimate_ate)."
+            )
+        design = sparse.csr_matrix(model.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
+        carriers = np.flatnonzero(np.asarray((design[:, len(known) :] != 0).sum(1)).ravel() > 0)
+        order = np.random.permutation(carriers)
+        n_train = max(1, int(round(train_size * len(order))))
+        split = [np.sort(order[:n_train]), np.sort(order[n_train:]), np.array([], dtype=int)]
+        if batch_size is None:
+            batch_size = default_batch_size(len(split[0]))
+        if max_epochs is None:  # as many updates of each new mechanism as train() gives a typical perturbation
+            cells = typical_cells_per_perturbation(np.asarray((design[split[0]][:, len(known) :] != 0).sum(0)).ravel())
+            max_epochs = default_max_epochs(len(split[0]), batch_size, cells)
+        fit = {"batch_size": batch_size, "datasplitter_kwargs": {"external_indexing": split}, **train_kwargs}
+        new_rows = slice(len(known), None)
+        mechanism = model.module.mechanism
+        if not mechanism.has_mask:
+            model.train(max_epochs=max_epochs, **fit)
+            return model
+        # The recipe's schedule for the new masks, without the rotation (the latent basis is the reference's): a
+        # quarter of the run with every mask on, so that the embeddings show which dimensions each perturbation
+        # moves; then the masks are set where the learned shift is large (as the recipe's alignment sets them) and
+        # held while the embeddings settle. Free masks on so few cells are pruned by their prior before the
+        # likelihood can keep them.
+        new_masks = model._reference_entries.new_entries["mechanism.mask_logits"]
+        with torch.no_grad():
+            mechanism.mask_logits[new_rows] = ALIGN_MASK_LOGIT
+        held = torch.zeros_like(new_masks)
+        model._reference_entries.new_entries["mechanism.mask_logits"] = held
+        first = max(1, max_epochs // 4)
+        model.train(max_epochs=first, **fit)
+        with torch.no_grad():
+            shift = model.module.point_globals()["shift"][0][new_rows]
+            active = active_entries(shift, ALIGN_THRESHOLD)
+            mechanism.mask_logits[new_rows] = torch.where(active, ALIGN_MASK_LOGIT, -ALIGN_MASK_LOGIT).to(shift)
+        model.train(max_epochs=max(1, max_epochs - first), **fit)
+        model._reference_entries.new_entries["mechanism.mask_logits"] = new_masks
+        return model
+
+
+def _reference(cls, reference_model):
+    """A trained reference model of class ``cls`` from a model or a saved folder."""
+    if isinstance(reference_model, str | Path):
+        return cls.load(str(reference_model), adata=False)
+    if not isinstance(reference_model, cls):
+        raise TypeError(
+            f"The reference must be a trained {cls.__name__} (or a folder saved by one), not "
+            f"{type(reference_model).__name__}."
+        )
+    return reference_model

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+import sams_scvi
+
+from ..conftest import TRAIN_KW
+
+
+def _without(adata, target):
+    carries = adata.obs["perturbation"].astype(str).str.split("+").apply(lambda atoms: target in atoms).to_numpy()
+    return adata[~carries].copy(), adata[carries].copy()
+
+
+@pytest.fixture(scope="module")
+def reference_and_new(tapseq):
+    reference_cells, new_cells = _without(tapseq[:2500], "GATA1")
+    sams_scvi.SAMSVAE.setup_anndata(reference_cells, perturbation_key="perturbation")
+    reference = sams_scvi.SAMSVAE(reference_cells, n_latent=6, n_hidden=32)
+    reference.train(max_epochs=3, **TRAIN_KW)
+    return reference, new_cells
+
+
+def _assert_reference_kept(reference, model):
+    new_state = model.module.state_dict()
+    for name, value in reference.module.state_dict().items():
+        if name == "train_perturbation_counts":
+            continue
+        kept = new_state[name][tuple(slice(0, n) for n in value.shape)]
+        assert torch.equal(kept, value), name
+
+
+def test_add_perturbations_learns_only_the_new_mechanism(reference_and_new):
+    reference, new_cells = reference_and_new
+    known = list(reference.perturbations)
+    before = {name: value.clone() for name, value in reference.module.state_dict().items()}
+    extended = reference.add_perturbations(new_cells, max_epochs=30, **TRAIN_KW)
+
+    assert reference.perturbations == known  # the reference model is not changed
+    assert all(torch.equal(before[n], v) for n, v in reference.module.state_dict().items())
+    assert extended.perturbations == [*known, "GATA1"]
+    _assert_reference_kept(reference, extended)
+    new_mask = extended.module.mask_logits[-1]
+    assert not torch.equal(new_mask, torch.full_like(new_mask, new_mask[0].item()))  # it trained
+    counts = extended.module.train_perturbation_counts
+    assert counts[-1] > 0 and torch.all(counts[:-1] >= reference.module.train_perturbation_counts)
+
+    # the new perturbation alone and with a known one; the query has no controls, its reference had them
+    ate = extended.estimate_ate(["GATA1", f"GATA1+{known[0]}"], n_samples=30, progress_bar=False)
+    assert ate.shape == (2, reference.module.n_input) and np.isfinite(ate.X).all()
+
+
+def test_add_perturbations_refuses_cells_without_new_perturbations(reference_and_new, tapseq):
+    reference, _ = reference_and_new
+    with pytest.raises(ValueError, match="no perturbation the model does not know"):
+        reference.add_perturbations(reference.adata[:200].copy(), max_epochs=1, **TRAIN_KW)
+
+
+def test_query_model_saves_and_loads_with_its_reference_controls(reference_and_new, tmp_path):
+    reference, new_cells = reference_and_new
+    extended = reference.add_perturbations(new_cells, max_epochs=2, **TRAIN_KW)
+    extended.save(tmp_path / "extended", save_anndata=True)
+    loaded = sams_scvi.SAMSVAE.load(tmp_path / "extended")
+    assert loaded.perturbations == extended.perturbations
+    assert loaded.estimate_ate(["GATA1"], n_samples=10, progress_bar=False).shape[0] == 1
+
+
+def test_query_with_a_new_batch_trains_only_its_row(tapseq):
+    cells = tapseq[:1800].copy()
+    cells.obs["replicate"] = np.where(
+        np.arange(cells.n_obs) < 1200, np.where(np.arange(cells.n_obs) % 2, "r1", "r2"), "r3"
+    )
+    reference_cells = cells[:1200].copy()
+    sams_scvi.SAMSVAE.setup_anndata(reference_cells, perturbation_key="perturbation", batch_key="replicate")
+    reference = sams_scvi.SAMSVAE(reference_cells, n_latent=6, n_hidden=32)
+    reference.train(max_epochs=2, **TRAIN_KW)
+
+    query = cells[1200:].copy()
+    mapped = sams_scvi.SAMSVAE.load_query_data(query, reference)
+    assert mapped.module.decoder_covariates.n_cats_per_cov == [3]
+    start = mapped.module.decoder_covariates.embeddings[0].weight.detach().clone()
+    mapped.train(max_epochs=3, **TRAIN_KW)
+    rows = mapped.module.decoder_covariates.embeddings[0].weight.detach()
+    assert torch.equal(rows[:2], start[:2]) and not torch.equal(rows[2], start[2])
+    _assert_reference_kept(reference, mapped)
+    assert mapped.get_latent().shape == (query.n_obs, 6)
+
+    # a query from an unrelated registration is refused with the fix
+    with pytest.raises(ValueError, match="prepare_query_anndata"):
+        sams_scvi.SAMSVAE.load_query_data(query[:, ::-1].copy(), reference)
+
+
+def test_prepare_query_anndata_orders_and_pads_genes_without_touching_the_input(reference_and_new):
+    reference, new_cells = reference_and_new
+    genes = list(reference.adata.var_names)
+    query = new_cells[:, genes[::-1][:-2]].copy()  # reversed, last two reference genes missing
+    query.X = sparse.csr_matrix(query.X)
+    original = query.copy()
+    with pytest.warns(UserWarning, match="2 of the reference's"):
+        prepared = sams_scvi.SAMSVAE.prepare_query_anndata(query, reference)
+    assert list(prepared.var_names) == genes
+    assert prepared[:, genes[0]].X.sum() == 0 and prepared[:, genes[1]].X.sum() == 0
+    np.testing.assert_array_equal(prepared[:, genes[5]].X.toarray(), original[:, genes[5]].X.toarray())
+    assert list(query.var_names) == list(original.var_names) and set(query.uns) == set(original.uns)
+    np.testing.assert_array_equal(query.X.toarray(), original.X.toarray())
+    assert list(sams_scvi.SAMSVAE.prepare_query_anndata(query, reference, return_reference_var_names=True)) == genes
+
+
+def test_query_without_anything_new_is_ready_to_use(reference_and_new):
+    reference, _ = reference_and_new
+    query = reference.adata[:300].copy()
+    with pytest.warns(UserWarning, match="nothing to train"):
+        mapped = sams_scvi.SAMSVAE.load_query_data(query, reference)
+    assert mapped.is_trained_
+    np.testing.assert_allclose(mapped.get_latent(), reference.get_latent(query), rtol=1e-5, atol=1e-6)
+    unfrozen = sams_scvi.SAMSVAE.load_query_data(query, reference, unfrozen=True)
+    unfrozen.train(max_epochs=1, **TRAIN_KW)
+    assert not torch.equal(unfrozen.module.decoder_head.weight, reference.module.decoder_head.weight)
+    counts = unfrozen.module.train_perturbation_counts
+    assert torch.all(counts >= reference.module.train_perturbation_counts)  # the reference's counts kept
