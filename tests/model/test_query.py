@@ -31,39 +31,25 @@ def _assert_reference_kept(reference, model):
         assert torch.equal(kept, value), name
 
 
-def test_add_perturbations_learns_only_the_new_mechanism(reference_and_new):
+def test_new_perturbations_need_fine_tuning(reference_and_new):
+    reference, new_cells = reference_and_new
+    with pytest.raises(ValueError, match=r"not trained on \(\['GATA1'\]\).*unfrozen=True"):
+        sams_scvi.SAMSVAE.load_query_data(new_cells.copy(), reference)
+
+
+def test_fine_tuned_query_with_a_new_perturbation_saves_and_loads(reference_and_new, tmp_path):
     reference, new_cells = reference_and_new
     known = list(reference.perturbations)
-    before = {name: value.clone() for name, value in reference.module.state_dict().items()}
-    extended = reference.add_perturbations(new_cells, max_epochs=30, **TRAIN_KW)
-
-    assert reference.perturbations == known  # the reference model is not changed
-    assert all(torch.equal(before[n], v) for n, v in reference.module.state_dict().items())
-    assert extended.perturbations == [*known, "GATA1"]
-    _assert_reference_kept(reference, extended)
-    new_mask = extended.module.mask_logits[-1]
-    assert not torch.equal(new_mask, torch.full_like(new_mask, new_mask[0].item()))  # it trained
-    counts = extended.module.train_perturbation_counts
+    tuned = sams_scvi.SAMSVAE.load_query_data(new_cells.copy(), reference, unfrozen=True)
+    assert tuned.perturbations == [*known, "GATA1"] and reference.perturbations == known
+    tuned.train(max_epochs=2, **TRAIN_KW)
+    counts = tuned.module.train_perturbation_counts
     assert counts[-1] > 0 and torch.all(counts[:-1] >= reference.module.train_perturbation_counts)
-
-    # the new perturbation alone and with a known one; the query has no controls, its reference had them
-    ate = extended.estimate_ate(["GATA1", f"GATA1+{known[0]}"], n_samples=30, progress_bar=False)
+    # the query has no control cells; the reference's defined the unperturbed state, and loading keeps that
+    tuned.save(tmp_path / "tuned", save_anndata=True)
+    loaded = sams_scvi.SAMSVAE.load(tmp_path / "tuned")
+    ate = loaded.estimate_ate(["GATA1", f"GATA1+{known[0]}"], n_samples=10, progress_bar=False)
     assert ate.shape == (2, reference.module.n_input) and np.isfinite(ate.X).all()
-
-
-def test_add_perturbations_refuses_cells_without_new_perturbations(reference_and_new, tapseq):
-    reference, _ = reference_and_new
-    with pytest.raises(ValueError, match="no perturbation the model does not know"):
-        reference.add_perturbations(reference.adata[:200].copy(), max_epochs=1, **TRAIN_KW)
-
-
-def test_query_model_saves_and_loads_with_its_reference_controls(reference_and_new, tmp_path):
-    reference, new_cells = reference_and_new
-    extended = reference.add_perturbations(new_cells, max_epochs=2, **TRAIN_KW)
-    extended.save(tmp_path / "extended", save_anndata=True)
-    loaded = sams_scvi.SAMSVAE.load(tmp_path / "extended")
-    assert loaded.perturbations == extended.perturbations
-    assert loaded.estimate_ate(["GATA1"], n_samples=10, progress_bar=False).shape[0] == 1
 
 
 def test_query_with_a_new_batch_trains_only_its_row(tapseq):

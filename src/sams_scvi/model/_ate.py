@@ -383,6 +383,8 @@ class TreatmentEffectMixin:
         if library_size == "median":
             if self.adata is None:
                 raise ValueError("library_size='median' needs the registered AnnData.")
+            if self.is_minified:
+                return float(np.median(self._stored_library()))
             x = self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.X_KEY)
             return float(np.median(_row_sums(x)))
         if isinstance(library_size, str):

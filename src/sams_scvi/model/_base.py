@@ -60,6 +60,7 @@ from ._data_splitter import SAMSDataSplitter
 from ._expression import ExpressionMixin
 from ._latent import LatentMixin
 from ._mechanism import MechanismMixin
+from ._minify import MinifyMixin
 from ._prediction import PredictionMixin
 from ._query import QueryMixin
 from ._save_load import SaveLoadMixin
@@ -115,6 +116,7 @@ def _registration_copy(adata: AnnData) -> AnnData:
 class BasePerturbationModel(
     SaveLoadMixin,
     QueryMixin,
+    MinifyMixin,
     MechanismMixin,
     TreatmentEffectMixin,
     PredictionMixin,
@@ -412,6 +414,7 @@ class BasePerturbationModel(
             Arguments of :class:`scvi.train.Trainer` / Lightning (e.g. ``enable_progress_bar``,
             ``check_val_every_n_epoch``, ``gradient_clip_val``).
         """
+        self._check_counts_available(None, "train")
         self._check_train_args(
             max_epochs, batch_size, train_size, validation_size, early_stopping, plan_kwargs, datasplitter_kwargs
         )
@@ -635,6 +638,7 @@ class BasePerturbationModel(
 
     def _make_data_loader(self, adata=None, indices=None, *args, **kwargs):
         """scvi-tools' loader, with ``indices`` given as positions, a boolean mask or obs names (as scanpy)."""
+        self._check_counts_available(adata, "This method")
         if indices is not None:
             indices = _as_positions(self.adata if adata is None else adata, indices)
         if kwargs.get("batch_size") is not None:  # torch's own message names neither the method nor the fix

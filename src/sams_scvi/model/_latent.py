@@ -71,6 +71,10 @@ class LatentMixin:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Mean and standard deviation of :math:`q(z_b \\mid x)`, and the mean offset, (cells, K) each."""
         self._check_if_trained(warn=False)
+        rows = self._minified_rows(adata, indices)
+        if rows is not None:
+            mean, scale, offset = self._stored_posterior(rows)
+            return mean, scale, (offset if with_offset else None)
         adata = self._validate_anndata(adata)
         globals_ = self.module.point_globals()
         means, scales, offsets = [], [], []
@@ -95,6 +99,9 @@ class LatentMixin:
         The library is not a latent variable here, so ``give_mean`` changes nothing.
         """
         self._check_if_trained(warn=False)
+        rows = self._minified_rows(adata, indices)
+        if rows is not None:
+            return self._stored_library()[rows, None]
         adata = self._validate_anndata(adata)
         sizes = [
             tensors[SAMS_REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).numpy()
@@ -111,6 +118,8 @@ class LatentMixin:
         """
         if self.adata is None:
             raise ValueError("basal='control' needs the registered AnnData (its control cells).")
+        if self.is_minified:
+            return self._stored_control_posterior()
         design = sparse.csr_matrix(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
         controls = np.flatnonzero(design.getnnz(axis=1) == 0)
         globals_ = self.module.point_globals()

@@ -1,4 +1,4 @@
-"""Reference models: map new cells, batches and perturbations onto a trained model (scArches-style)."""
+"""Reference models: map new cells and batches onto a trained model (scArches-style)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,6 @@ import torch
 from anndata import AnnData
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
-
-from sams_scvi._constants import SAMS_REGISTRY_KEYS
-from sams_scvi._defaults import ALIGN_MASK_LOGIT, ALIGN_THRESHOLD
-from sams_scvi.module._alignment import active_entries
-
-from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
 
 
 class KeepReferenceEntries(Callback):
@@ -94,11 +88,10 @@ def transplant_reference(reference, module) -> dict[str, torch.Tensor]:
 
 
 class QueryMixin:
-    """``prepare_query_anndata``, ``load_query_data`` and ``add_perturbations``: reuse a trained reference model.
+    """``prepare_query_anndata`` and ``load_query_data``: map new cells and batches onto a trained reference.
 
-    SAMS-VAE's mechanism is global and per perturbation, and the decoder reads each covariate category through
-    one learned row, so new cells, batches and perturbations need only their own new entries trained while the
-    rest of the reference stays fixed.
+    The decoder reads each covariate category through one learned row, so a new batch needs only its row trained
+    while the rest of the reference stays fixed (scArches).
     """
 
     @classmethod
@@ -143,7 +136,7 @@ class QueryMixin:
             X=None if adata.X is None else reorder(adata.X),
             obs=adata.obs.copy(),
             var=pd.DataFrame(index=genes.copy()),
-            layers={key: reorder(value) for key, value in adata.layers.items()},
+            layers={key: reorder(value) for key, value in adata.layers.items() if key is not None},  # anndata 0.13: X
             obsm=dict(adata.obsm.items()),
         )
 
@@ -151,9 +144,9 @@ class QueryMixin:
     def load_query_data(cls, adata: AnnData, reference_model, unfrozen: bool = False):
         """A model for the query ``adata`` built on a trained reference, as scvi-tools' ``load_query_data``.
 
-        The query is set up as the reference's data was; its new batch or covariate categories and new
-        perturbations get new entries (a decoder row per category, a mechanism per perturbation), and only these
-        are trained by ``train`` unless ``unfrozen``. The reference's encoder, decoder, input statistics and known
+        The query is set up as the reference's data was; its new batch or covariate categories get new decoder
+        rows, and only these are trained by ``train`` unless ``unfrozen``. Perturbations the reference does not
+        know need ``unfrozen=True``: a fixed decoder cannot express their effects. The reference's encoder, decoder, input statistics and known
         perturbations stay exactly as trained (their gradients are zeroed and nothing decays them), and the axis
         alignment of the recipe is off (it would rotate the whole latent space).
 
@@ -191,6 +184,15 @@ class QueryMixin:
             key: value for key, value in init.get("non_kwargs", {}).items() if key not in ("adata", "registry")
         }
         model = cls(adata, **non_kwargs, **kwargs)
+        added = model.perturbations[len(reference.perturbations) :]
+        if added and not unfrozen:
+            raise ValueError(
+                f"The query carries perturbations the reference was not trained on ({added[:5]}). Their effects "
+                "cannot be learned with the reference's decoder fixed: it produces only the expression changes of "
+                "the programs it was trained on (on TAP-seq an added target's predicted effect did not correlate "
+                "with its observed one; benchmarks/NOTES.md). Train a model on the reference's and the new cells "
+                "together, or pass unfrozen=True to fine-tune every parameter on the query."
+            )
         new_entries = transplant_reference(reference.module, model.module)  # the reference stays where it is
         reference_counts = reference.module.train_perturbation_counts.detach().cpu().clone()
         # no axis alignment: it rotates the whole latent space, the reference's included
@@ -212,83 +214,6 @@ class QueryMixin:
                 UserWarning,
                 stacklevel=2,
             )
-        return model
-
-    def add_perturbations(
-        self,
-        adata: AnnData,
-        max_epochs: int | None = None,
-        batch_size: int | None = None,
-        train_size: float = 0.9,
-        **train_kwargs,
-    ):
-        """Learn the mechanism of perturbations absent from training from their cells, everything else fixed.
-
-        A new model is returned (this one is not changed): the new perturbations' masks, embeddings and
-        penetrance are trained on the cells of ``adata`` that carry one of them (alone or with known ones); the
-        networks and the known perturbations stay as trained. The new model predicts the new perturbations alone
-        and in combination with every known one.
-
-        Parameters
-        ----------
-        adata
-            Cells with the reference's genes and obs columns; labels may name new perturbations (``"NEW"``,
-            ``"NEW+KNOWN"``). Cells without a new perturbation are registered but not trained on.
-        max_epochs, batch_size
-            As in ``train``; ``None``: enough epochs for each new perturbation's mechanism to be updated as often
-            as the default training updates a typical perturbation.
-        train_size
-            Fraction of the new perturbations' cells to train on; the rest validate.
-        **train_kwargs
-            Further arguments of ``train``.
-
-        Returns
-        -------
-        The extended, trained model.
-        """
-        known = set(self.perturbations)
-        model = type(self).load_query_data(adata, self)
-        vocabulary = model.perturbations
-        added = [name for name in vocabulary if name not in known]
-        if not added:
-            raise ValueError(
-                "The cells carry no perturbation the model does not know already; predict them with this model "
-                "(predict_perturbation, estimate_ate)."
-            )
-        design = sparse.csr_matrix(model.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
-        carriers = np.flatnonzero(np.asarray((design[:, len(known) :] != 0).sum(1)).ravel() > 0)
-        order = np.random.permutation(carriers)
-        n_train = max(1, int(round(train_size * len(order))))
-        split = [np.sort(order[:n_train]), np.sort(order[n_train:]), np.array([], dtype=int)]
-        if batch_size is None:
-            batch_size = default_batch_size(len(split[0]))
-        if max_epochs is None:  # as many updates of each new mechanism as train() gives a typical perturbation
-            cells = typical_cells_per_perturbation(np.asarray((design[split[0]][:, len(known) :] != 0).sum(0)).ravel())
-            max_epochs = default_max_epochs(len(split[0]), batch_size, cells)
-        fit = {"batch_size": batch_size, "datasplitter_kwargs": {"external_indexing": split}, **train_kwargs}
-        new_rows = slice(len(known), None)
-        mechanism = model.module.mechanism
-        if not mechanism.has_mask:
-            model.train(max_epochs=max_epochs, **fit)
-            return model
-        # The recipe's schedule for the new masks, without the rotation (the latent basis is the reference's): a
-        # quarter of the run with every mask on, so that the embeddings show which dimensions each perturbation
-        # moves; then the masks are set where the learned shift is large (as the recipe's alignment sets them) and
-        # held while the embeddings settle. Free masks on so few cells are pruned by their prior before the
-        # likelihood can keep them.
-        new_masks = model._reference_entries.new_entries["mechanism.mask_logits"]
-        with torch.no_grad():
-            mechanism.mask_logits[new_rows] = ALIGN_MASK_LOGIT
-        held = torch.zeros_like(new_masks)
-        model._reference_entries.new_entries["mechanism.mask_logits"] = held
-        first = max(1, max_epochs // 4)
-        model.train(max_epochs=first, **fit)
-        with torch.no_grad():
-            shift = model.module.point_globals()["shift"][0][new_rows]
-            active = active_entries(shift, ALIGN_THRESHOLD)
-            mechanism.mask_logits[new_rows] = torch.where(active, ALIGN_MASK_LOGIT, -ALIGN_MASK_LOGIT).to(shift)
-        model.train(max_epochs=max(1, max_epochs - first), **fit)
-        model._reference_entries.new_entries["mechanism.mask_logits"] = new_masks
         return model
 
 
