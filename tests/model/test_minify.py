@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import sams_scvi
-from sams_scvi.model._minify import MinifiedDataError
+from sams_scvi.model import MinifiedDataError
 
 from ..conftest import TRAIN_KW
 

@@ -3,6 +3,7 @@
 from ._base import BasePerturbationModel
 from ._convergence import tail_epochs, training_convergence
 from ._ensemble import bootstrap_models, ensemble_ate, ensemble_screen
+from ._minify import MinifiedDataError
 from ._model_file import UnsafeModelFileError
 from ._models import CPAVAE, SAMSVAE, ConditionalVAE, SVAEPlus
 from ._schedule import default_batch_size, default_max_epochs, updates_per_epoch
@@ -12,6 +13,7 @@ __all__ = [
     "BasePerturbationModel",
     "CPAVAE",
     "ConditionalVAE",
+    "MinifiedDataError",
     "SAMSTrainingPlan",
     "SAMSVAE",
     "SVAEPlus",
