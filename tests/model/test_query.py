@@ -82,10 +82,12 @@ def test_prepare_query_anndata_orders_and_pads_genes_without_touching_the_input(
     genes = list(reference.adata.var_names)
     query = new_cells[:, genes[::-1][:-2]].copy()  # reversed, last two reference genes missing
     query.X = sparse.csr_matrix(query.X)
+    sams_scvi.SAMSVAE.setup_anndata(query, perturbation_key="perturbation")  # a registration of its own genes
     original = query.copy()
     with pytest.warns(UserWarning, match="2 of the reference's"):
         prepared = sams_scvi.SAMSVAE.prepare_query_anndata(query, reference)
     assert list(prepared.var_names) == genes
+    assert not [c for c in [*prepared.obs.columns, *prepared.obsm] if c.startswith("_scvi_")]  # query was registered
     assert prepared[:, genes[0]].X.sum() == 0 and prepared[:, genes[1]].X.sum() == 0
     np.testing.assert_array_equal(prepared[:, genes[5]].X.toarray(), original[:, genes[5]].X.toarray())
     assert list(query.var_names) == list(original.var_names) and set(query.uns) == set(original.uns)

@@ -134,10 +134,11 @@ class QueryMixin:
 
         return AnnData(
             X=None if adata.X is None else reorder(adata.X),
-            obs=adata.obs.copy(),
+            # without an earlier registration's columns and design (they describe the query's own gene order)
+            obs=adata.obs[[c for c in adata.obs.columns if not str(c).startswith("_scvi_")]].copy(),
             var=pd.DataFrame(index=genes.copy()),
             layers={key: reorder(value) for key, value in adata.layers.items() if key is not None},  # anndata 0.13: X
-            obsm=dict(adata.obsm.items()),
+            obsm={k: v for k, v in adata.obsm.items() if not str(k).startswith("_scvi_")},
         )
 
     @classmethod
