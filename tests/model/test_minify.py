@@ -23,6 +23,7 @@ def test_minified_model_keeps_latents_and_effects_without_counts(trained, tmp_pa
     library = model.get_latent_library_size()
     ate = model.estimate_ate(["CPQ", "GATA1"], n_samples=40, progress_bar=False)
     control_loc, control_scale, _ = model._control_basal_posterior()
+    predicted = model.predict_perturbation(["CPQ", "CPQ+GATA1"], n_samples=50, progress_bar=False)
     counts_before = adata.X.copy()
 
     model.minify_adata()
@@ -41,14 +42,19 @@ def test_minified_model_keeps_latents_and_effects_without_counts(trained, tmp_pa
     np.testing.assert_allclose(stored_loc.cpu(), control_loc.cpu(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stored_scale.cpu(), control_scale.cpu(), rtol=1e-4, atol=1e-6)
     assert np.isfinite(model.estimate_ate(["CPQ"], n_samples=20, basal="control", progress_bar=False).X).all()
+    # counterfactuals of the control cells are drawn from their stored posterior, as encoding their counts would
+    stored_prediction = model.predict_perturbation(["CPQ", "CPQ+GATA1"], n_samples=50, progress_bar=False)
+    assert stored_prediction.obs_names.equals(predicted.obs_names)
+    np.testing.assert_allclose(stored_prediction.X, predicted.X, rtol=1e-4, atol=1e-4)
+    perturbed_cell = int(np.flatnonzero(adata.obs["perturbation"].astype(str).to_numpy() != "control")[0])
 
     for call in (
         lambda: model.get_normalized_expression(),
         lambda: model.get_marginal_ll(n_mc_samples=2),
-        lambda: model.predict_perturbation(["CPQ"], progress_bar=False),
+        lambda: model.predict_perturbation(["CPQ"], indices=[perturbed_cell], progress_bar=False),
         lambda: model.train(max_epochs=1, **TRAIN_KW),
     ):
-        with pytest.raises(MinifiedDataError, match="minify_adata replaced"):
+        with pytest.raises(MinifiedDataError, match="minify_adata replaced|control cells only"):
             call()
     assert model.get_normalized_expression(adata[:50].copy()).shape == (50, adata.n_vars)  # cells with counts
 

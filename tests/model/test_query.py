@@ -4,6 +4,7 @@ import torch
 from scipy import sparse
 
 import sams_scvi
+from sams_scvi.model import MinifiedDataError
 
 from ..conftest import TRAIN_KW
 
@@ -107,3 +108,61 @@ def test_query_without_anything_new_is_ready_to_use(reference_and_new):
     assert not torch.equal(unfrozen.module.decoder_head.weight, reference.module.decoder_head.weight)
     counts = unfrozen.module.train_perturbation_counts
     assert torch.all(counts >= reference.module.train_perturbation_counts)  # the reference's counts kept
+
+
+def test_add_perturbations_replays_training_cells_and_leaves_the_reference(reference_and_new, tmp_path):
+    reference, new_cells = reference_and_new
+    state = {name: value.clone() for name, value in reference.module.state_dict().items()}
+    obs = new_cells.obs.copy()
+    added = reference.add_perturbations(new_cells, max_epochs=2, **TRAIN_KW)
+    assert added.perturbations == [*reference.perturbations, "GATA1"]
+    assert added.adata.n_obs == min(11 * new_cells.n_obs, 2500)  # ten replayed training cells per new one
+    assert added.adata is not reference.adata and reference.adata.n_obs == 2500 - new_cells.n_obs
+    for name, value in reference.module.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert new_cells.obs.equals(obs) and "_scvi_batch" not in new_cells.obs
+    # each perturbation counts its training cells once: the reference's, plus the new cells that carry it
+    counts, before = added.module.train_perturbation_counts, reference.module.train_perturbation_counts
+    assert counts[-1] == round(0.9 * new_cells.n_obs)  # every new cell carries GATA1
+    carried = new_cells.obs["perturbation"].astype(str).str.split("+").explode().value_counts()
+    extra = (counts[:-1] - before).numpy()
+    assert np.all(extra >= 0) and np.all(extra <= carried.reindex(reference.perturbations).fillna(0).to_numpy())
+    ate = added.estimate_ate(["GATA1", f"GATA1+{reference.perturbations[0]}"], n_samples=10, progress_bar=False)
+    assert np.isfinite(ate.X).all()
+    assert reference.add_perturbations(new_cells, replay_cells=0, max_epochs=1, **TRAIN_KW).adata.n_obs == (
+        new_cells.n_obs
+    )
+
+
+def test_add_perturbations_refuses_what_it_cannot_do(reference_and_new, tmp_path):
+    reference, new_cells = reference_and_new
+    with pytest.raises(ValueError, match="no perturbation the model was not trained on"):
+        reference.add_perturbations(reference.adata[:100].copy(), max_epochs=1, **TRAIN_KW)
+    with pytest.raises(ValueError, match="splits the cells itself"):
+        reference.add_perturbations(new_cells, datasplitter_kwargs={}, **TRAIN_KW)
+    reference.save(tmp_path / "reference")
+    without_data = sams_scvi.SAMSVAE.load(tmp_path / "reference", adata=False)
+    with pytest.raises(ValueError, match="no data to replay"):
+        without_data.add_perturbations(new_cells)
+    light = sams_scvi.SAMSVAE.load(tmp_path / "reference", adata=reference.adata.copy())
+    light.minify_adata()
+    with pytest.raises(MinifiedDataError, match="replays the model's training counts"):
+        light.add_perturbations(new_cells)
+
+
+@pytest.mark.slow
+def test_added_perturbation_predicts_its_knockdown(tapseq):
+    """On TAP-seq each target is a measured gene: an added target's predicted effect must knock its own gene down."""
+    reference_cells, new_cells = _without(tapseq[:3000], "GATA1")
+    sams_scvi.SAMSVAE.setup_anndata(reference_cells, perturbation_key="perturbation")
+    reference = sams_scvi.SAMSVAE(reference_cells)
+    reference.train(max_epochs=40, **TRAIN_KW)
+    added = reference.add_perturbations(new_cells, **TRAIN_KW)
+    singles = new_cells[new_cells.obs["perturbation"].astype(str) == "GATA1"]
+    observed = sams_scvi.metrics.observed_ate(
+        sams_scvi.data.schraivogel2020_tapseq()[3000:], perturbations=["GATA1"]
+    ).to_df()
+    predicted = added.estimate_ate(["GATA1"], progress_bar=False).to_df()
+    r = np.corrcoef(predicted.loc["GATA1"], observed.loc["GATA1"])[0, 1]
+    assert singles.n_obs > 20 and predicted.loc["GATA1", "GATA1"] < 0.25 * observed.loc["GATA1", "GATA1"] < 0
+    assert r > 0.5

@@ -154,7 +154,8 @@ def parse_perturbations(
             "With unique encoding of combinations every label is its own treatment, so unseen combinations "
             "cannot be predicted; set up the data with encode_combinations='additive' to predict them."
             if unique_combinations
-            else "The model has no embedding for them; it can predict new combinations of known perturbations only."
+            else "The model has no embedding for them; it predicts new combinations of known perturbations only. "
+            "Teach it new ones from their cells with model.add_perturbations(adata_new)."
         )
         raise ValueError(f"{label_source} contains perturbations the model was not trained on: {shown}. {hint}")
 

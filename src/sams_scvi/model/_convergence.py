@@ -102,8 +102,11 @@ def training_convergence(history: dict | None, tail: float = TAIL) -> pd.DataFra
     return pd.DataFrame(rows, columns=["quantity", "key", "change", "tolerance", "settled", "epochs", "description"])
 
 
-def unsettled_message(report: pd.DataFrame, epochs: int) -> str | None:
-    """The warning for a report with unsettled quantities (``None`` when all settled or none could be assessed)."""
+def unsettled_message(report: pd.DataFrame, epochs: int, remedy: str | None = None) -> str | None:
+    """The warning for a report with unsettled quantities (``None`` when all settled or none could be assessed).
+
+    ``remedy``: how to train longer, with ``{epochs}`` for twice the run's epochs (default: a new ``train``).
+    """
     unsettled = report[report["settled"].eq(False)]
     if unsettled.empty:
         return None
@@ -112,10 +115,14 @@ def unsettled_message(report: pd.DataFrame, epochs: int) -> str | None:
         f"{row.tolerance:g})"
         for row in unsettled.itertuples()
     ]
+    if remedy is None:
+        remedy = (
+            "Train a new model for longer, e.g. model.train(max_epochs={epochs}), or with max_epochs=None (the "
+            "default length for this screen)"
+        )
     return (
         "Training has not converged: " + "; ".join(parts) + ". Effects of an unconverged model are typically shrunk "
-        f"and can have the wrong sign. Train a new model for longer, e.g. model.train(max_epochs={2 * epochs}), or "
-        "with max_epochs=None (the default length for this screen); model.convergence() shows the diagnostics."
+        f"and can have the wrong sign. {remedy.format(epochs=2 * epochs)}; model.convergence() shows the diagnostics."
     )
 
 
@@ -124,6 +131,7 @@ def warn_if_unsettled(model, what: str) -> None:
     history = getattr(model, "history_", None)
     if not history or "elbo_train" not in history:
         return
-    message = unsettled_message(training_convergence(history), len(history["elbo_train"]))
+    remedy = getattr(model, "_longer_run_remedy", None)
+    message = unsettled_message(training_convergence(history), len(history["elbo_train"]), remedy)
     if message is not None:
         warnings.warn(f"{what}: {message}", UserWarning, stacklevel=3)

@@ -30,11 +30,12 @@ class MinifyMixin:
     penetrance, of its mixture over response patterns), the mean latent offset and the observed library size. The
     mechanism (masks, embeddings, penetrance) is global, so everything that reads the model and the cells' latent
     states works as before: ``get_latent``, ``get_latent_representation``, ``get_latent_library_size``,
-    ``estimate_ate`` and ``screen_combinations`` (``basal="control"`` too), the mechanism and penetrance
-    getters, and every method given other data (``adata=...``). Methods that read the counts of the model's own
-    cells (training, ``predict_perturbation`` of its cells, decoded and differential expression, posterior
-    predictive checks, likelihood bounds) raise :class:`MinifiedDataError`; load the model with its full data,
-    or pass cells with counts, for them.
+    ``estimate_ate`` and ``screen_combinations`` (``basal="control"`` too), ``predict_perturbation`` from its
+    control cells (a control cell's basal posterior does not depend on the globals, so it is exact), the
+    mechanism and penetrance getters, and every method given other data (``adata=...``). Methods that read the
+    counts of the model's own cells (training, ``predict_perturbation`` from perturbed cells, decoded and
+    differential expression, posterior predictive checks, likelihood bounds) raise :class:`MinifiedDataError`;
+    load the model with its full data, or pass cells with counts, for them.
     """
 
     @property
@@ -122,16 +123,48 @@ class MinifyMixin:
                 f"{type(self).__name__}.load(folder, adata=full_adata)."
             )
 
-    def _stored_control_posterior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _stored_codes(self, rows: np.ndarray) -> torch.Tensor | None:
+        """Covariate codes (n, J) of minified cells, or ``None`` when the decoder has no covariates."""
+        if self.module.decoder_covariates.is_empty:
+            return None
+        parts = []
+        for key in (SAMS_REGISTRY_KEYS.BATCH_KEY, SAMS_REGISTRY_KEYS.CAT_COVS_KEY):
+            if key in self.adata_manager.data_registry:
+                value = np.asarray(self.adata_manager.get_from_registry(key))
+                parts.append(value.reshape(len(value), -1)[rows])
+        return torch.as_tensor(np.concatenate(parts, axis=1), device=self.device)
+
+    def _control_rows(self) -> np.ndarray:
         design = sparse.csr_matrix(self.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY))
-        controls = np.flatnonzero(design.getnnz(axis=1) == 0)
+        return np.flatnonzero(design.getnnz(axis=1) == 0)
+
+    def _stored_control_posterior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        controls = self._control_rows()
         mean, scale, _ = self._stored_posterior(controls)
-        codes = None
-        if not self.module.decoder_covariates.is_empty:
-            parts = []
-            for key in (SAMS_REGISTRY_KEYS.BATCH_KEY, SAMS_REGISTRY_KEYS.CAT_COVS_KEY):
-                if key in self.adata_manager.data_registry:
-                    value = np.asarray(self.adata_manager.get_from_registry(key))
-                    parts.append(value.reshape(len(value), -1)[controls])
-            codes = torch.as_tensor(np.concatenate(parts, axis=1), device=self.device)
-        return torch.as_tensor(mean, device=self.device), torch.as_tensor(scale, device=self.device), codes
+        return (
+            torch.as_tensor(mean, device=self.device),
+            torch.as_tensor(scale, device=self.device),
+            self._stored_codes(controls),
+        )
+
+    def _stored_source_cells(self, rows: np.ndarray, n_samples: int, batch_size: int):
+        """Basal draws (S, n, K), libraries (n,) and covariate codes of minified control cells, block by block.
+
+        A control cell's basal posterior does not depend on the globals, so drawing from the stored one is what
+        encoding its counts would give. A perturbed cell's depends on the globals drawn, which were not stored.
+        """
+        perturbed = np.setdiff1d(rows, self._control_rows())
+        if len(perturbed):
+            raise MinifiedDataError(
+                f"The source cells include {len(perturbed)} perturbed cells (e.g. "
+                f"{self.adata.obs_names[perturbed[0]]!r}); a minified model predicts from its control cells only: a "
+                "perturbed cell's basal state depends on the sampled globals, which minify_adata does not store. Use "
+                "the control cells (the default), or pass the cells' counts (adata=...).",
+            )
+        library = self._stored_library()
+        for start in range(0, len(rows), batch_size):
+            block = rows[start : start + batch_size]
+            mean, scale, _ = self._stored_posterior(block)
+            mean, scale = torch.as_tensor(mean, device=self.device), torch.as_tensor(scale, device=self.device)
+            z_basal = mean + scale * torch.randn(n_samples, *mean.shape, device=self.device)
+            yield z_basal, torch.as_tensor(library[block], device=self.device), self._stored_codes(block)

@@ -130,20 +130,16 @@ class PredictionMixin:
         blocks = []
         with _seeded(seed, self.device):
             globals_ = self.module.sample_globals(n_draws, with_kl=False)
-            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-            for tensors in track(loader, description="Predicting perturbations", disable=not progress_bar):
-                cells = self.module.infer_cells(tensors, globals_)
-                px = self.module.decode(  # batch shape (S, n, P)
-                    cells["z_basal"],
-                    target_design,
-                    globals_["shift"],
-                    cells["library"],
-                    self.module.covariate_codes(tensors),
-                )
+            sources = self._source_cells(adata, indices, batch_size, globals_)
+            n_blocks = -(-len(indices) // cells_per_batch)
+            for z_basal, library, covariates in track(
+                sources, description="Predicting perturbations", disable=not progress_bar, total=n_blocks
+            ):
+                px = self.module.decode(z_basal, target_design, globals_["shift"], library, covariates)  # (S, n, P)
                 if expression in ("counts", "log1p"):
                     # Each cell's draw comes from its own posterior sample of the globals and of its basal state,
                     # so a predicted population carries the posterior's uncertainty, not one shared draw of (M, E).
-                    counts = _one_draw_per_cell(px, len(cells["library"])).sample()
+                    counts = _one_draw_per_cell(px, len(library)).sample()
                     values = counts if expression == "counts" else _log1p_normalize(counts, target_sum)
                 else:
                     values = px.expression(target_sum).mean(0)
@@ -170,6 +166,18 @@ class PredictionMixin:
                 }
             },
         )
+
+    def _source_cells(self, adata: AnnData, indices: np.ndarray, batch_size: int | None, globals_: dict):
+        """Per block of source cells: basal draws (S, n, K), libraries (n,) and covariate codes (n, J) or ``None``.
+
+        From the cells' counts, or, on a minified model's own cells, from their stored basal posterior.
+        """
+        if self._minified_rows(adata, indices) is not None:
+            yield from self._stored_source_cells(indices, globals_["shift"].shape[0], batch_size or settings.batch_size)
+            return
+        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+            cells = self.module.infer_cells(tensors, globals_)
+            yield cells["z_basal"], cells["library"], self.module.covariate_codes(tensors)
 
 
 def _one_draw_per_cell(px, n_cells: int):

@@ -1,16 +1,31 @@
-"""Reference models: map new cells and batches onto a trained model (scArches-style)."""
+"""Reference models: map new cells and batches onto a trained model (scArches-style), add perturbations."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
+
+from sams_scvi._constants import SAMS_REGISTRY_KEYS
+
+from ._schedule import default_batch_size, default_max_epochs, typical_cells_per_perturbation
+from ._training_plan import perturbation_cell_counts
+
+# Updates of each added perturbation's mechanism in a default add_perturbations run, half of a fresh model's (the
+# networks start trained). On TAP-seq (leave 3 out, 3 seeds) 1,000 updates predicted the added targets' effects
+# shrunk (slope 0.67 against 0.86 for a model trained jointly), 2,000 at 0.79 (docs/results_add_perturbations.md).
+ADD_UPDATES = 2_000
+# Default replayed training cells per new cell (at most all of them). On TAP-seq, replaying as many cells as were
+# added let the known targets drift (r 0.71 -> 0.45); nine times as many (all) kept them (0.70), 3 seeds
+# (docs/results_add_perturbations.md).
+REPLAY_PER_NEW_CELL = 10
 
 
 class KeepReferenceEntries(Callback):
@@ -191,8 +206,8 @@ class QueryMixin:
                 f"The query carries perturbations the reference was not trained on ({added[:5]}). Their effects "
                 "cannot be learned with the reference's decoder fixed: it produces only the expression changes of "
                 "the programs it was trained on (on TAP-seq an added target's predicted effect did not correlate "
-                "with its observed one; benchmarks/NOTES.md). Train a model on the reference's and the new cells "
-                "together, or pass unfrozen=True to fine-tune every parameter on the query."
+                "with its observed one). Use reference.add_perturbations(adata), which fine-tunes the reference on "
+                "the new cells and replays its own, or pass unfrozen=True to fine-tune every parameter on the query."
             )
         new_entries = transplant_reference(reference.module, model.module)  # the reference stays where it is
         reference_counts = reference.module.train_perturbation_counts.detach().cpu().clone()
@@ -216,6 +231,115 @@ class QueryMixin:
                 stacklevel=2,
             )
         return model
+
+    def add_perturbations(
+        self,
+        adata: AnnData,
+        replay_cells: int | None = None,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
+        train_size: float = 0.9,
+        **train_kwargs,
+    ):
+        """A model that also knows the perturbations of ``adata``, fine-tuned from this one in a fraction of the time.
+
+        The new model starts as this one (which is not changed), with fresh mechanisms for the perturbations it
+        lacks, and trains every parameter on the cells of ``adata`` together with ``replay_cells`` of this model's
+        own training cells. The decoder must learn the new perturbations' programs: with it fixed an added target's
+        predicted effect does not correlate with its observed one. Replaying the training cells keeps the known
+        perturbations and the basal space where they were while it does.
+
+        Parameters
+        ----------
+        adata
+            Cells with this model's obs columns and raw counts, whose labels name new perturbations, alone or with
+            known ones (``"NEW"``, ``"NEW+KNOWN"``); they may hold control or known cells too. Genes are matched
+            to the model's as by :meth:`prepare_query_anndata`; ``adata`` itself is not changed.
+        replay_cells
+            This model's cells trained on with them (drawn at random, controls and known perturbations alike);
+            ``None``: ten times as many as ``adata`` has, at most all of them. Fewer make a run on a large screen
+            shorter, but let the known perturbations drift.
+        max_epochs
+            ``None``: enough for 2,000 updates of a typical new perturbation, half of what a fresh model gets.
+        batch_size, train_size
+            As in ``train``; ``train_size`` splits the cells of ``adata`` (replayed cells always train).
+        **train_kwargs
+            Further arguments of ``train`` (``plan_kwargs``, ``enable_progress_bar``, ...).
+
+        Returns
+        -------
+        The new, trained model; its data is a new AnnData of the replayed and the new cells.
+        """
+        from ._minify import MinifiedDataError
+
+        if self.adata is None:
+            raise ValueError(
+                "The model has no data to replay; load it with its training AnnData "
+                f"({type(self).__name__}.load(folder, adata=training_adata))."
+            )
+        if getattr(self, "is_minified", False):
+            raise MinifiedDataError(
+                "add_perturbations replays the model's training counts, which a minified model no longer has; "
+                "load the model with its full training AnnData."
+            )
+        if not self.is_trained_:
+            raise ValueError("The model is not trained; train it first, then add perturbations to it.")
+        if "datasplitter_kwargs" in train_kwargs:
+            raise ValueError(
+                "add_perturbations splits the cells itself; pass train_size instead of datasplitter_kwargs."
+            )
+        rng = np.random.default_rng(_seed())
+        n_reference = self.adata.n_obs
+        n_replay = min(
+            n_reference, int(round(REPLAY_PER_NEW_CELL * adata.n_obs)) if replay_cells is None else replay_cells
+        )
+        if n_replay < 0:
+            raise ValueError(f"replay_cells must be zero or positive, not {replay_cells}.")
+        replayed = np.sort(rng.choice(n_reference, n_replay, replace=False))
+        parts = [type(self).prepare_query_anndata(part, self) for part in (self.adata[replayed], adata)]
+        cells = anndata.concat(parts, join="inner", index_unique="-")  # the obs columns both have, new cell names
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The query has no batch")
+            model = type(self).load_query_data(cells, self, unfrozen=True)
+        known = len(self.perturbations)
+        new = np.arange(n_replay, cells.n_obs)
+        design = model.adata_manager.get_from_registry(SAMS_REGISTRY_KEYS.PERTURBATION_KEY)
+        reference_counts = model._reference_entries.reference_counts
+        # new: not in the model's vocabulary, or in it (a registered category) without training cells
+        untrained = np.r_[reference_counts.numpy() == 0, np.ones(len(model.perturbations) - known, dtype=bool)]
+        added = untrained & (perturbation_cell_counts(design, new) > 0)
+        if not added.any():
+            raise ValueError(
+                "The cells carry no perturbation the model was not trained on; predict them with this model "
+                "(predict_perturbation, estimate_ate), or map them with load_query_data."
+            )
+        order = rng.permutation(new)
+        n_new_train = max(1, int(round(train_size * len(order))))
+        train = np.sort(np.concatenate([np.arange(n_replay), order[:n_new_train]]))
+        split = [train, np.sort(order[n_new_train:]), np.array([], dtype=int)]
+        # the fit counts each perturbation's training cells; the reference's own (not the replayed ones) come back
+        replay_counts = torch.as_tensor(perturbation_cell_counts(design, np.arange(n_replay))[:known])
+        model._reference_entries.reference_counts = (reference_counts - replay_counts).clamp_min(0)
+        model._longer_run_remedy = "Add the perturbations again with a longer run, e.g. reference.add_perturbations(adata, max_epochs={epochs})"
+        if batch_size is None:
+            batch_size = default_batch_size(len(train))
+        if max_epochs is None:
+            cells_each = typical_cells_per_perturbation(perturbation_cell_counts(design, train)[added])
+            max_epochs = default_max_epochs(len(train), batch_size, cells_each, updates=ADD_UPDATES)
+        model.train(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            datasplitter_kwargs={"external_indexing": split},
+            **train_kwargs,
+        )
+        return model
+
+
+def _seed() -> int | None:
+    """scvi-tools' global seed (read, not changed), so that the replayed cells follow ``scvi.settings.seed``."""
+    import scvi
+
+    return scvi.settings.seed
 
 
 def _reference(cls, reference_model):
