@@ -42,10 +42,14 @@ def test_minified_model_keeps_latents_and_effects_without_counts(trained, tmp_pa
     np.testing.assert_allclose(stored_loc.cpu(), control_loc.cpu(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stored_scale.cpu(), control_scale.cpu(), rtol=1e-4, atol=1e-6)
     assert np.isfinite(model.estimate_ate(["CPQ"], n_samples=20, basal="control", progress_bar=False).X).all()
-    # counterfactuals of the control cells are drawn from their stored posterior, as encoding their counts would
+    # counterfactuals of the control cells are drawn from their stored posterior, the distribution encoding their
+    # counts gives (the random draws come in another order, so the samples agree in distribution, not exactly)
     stored_prediction = model.predict_perturbation(["CPQ", "CPQ+GATA1"], n_samples=50, progress_bar=False)
     assert stored_prediction.obs_names.equals(predicted.obs_names)
-    np.testing.assert_allclose(stored_prediction.X, predicted.X, rtol=1e-4, atol=1e-4)
+    assert np.corrcoef(stored_prediction.X.ravel(), predicted.X.ravel())[0, 1] > 0.99
+    for label in ("CPQ", "CPQ+GATA1"):
+        rows = predicted.obs["perturbation"] == label
+        np.testing.assert_allclose(stored_prediction.X[rows].mean(0), predicted.X[rows].mean(0), rtol=0.05)
     perturbed_cell = int(np.flatnonzero(adata.obs["perturbation"].astype(str).to_numpy() != "control")[0])
 
     for call in (

@@ -31,7 +31,7 @@ class MinifyMixin:
     mechanism (masks, embeddings, penetrance) is global, so everything that reads the model and the cells' latent
     states works as before: ``get_latent``, ``get_latent_representation``, ``get_latent_library_size``,
     ``estimate_ate`` and ``screen_combinations`` (``basal="control"`` too), ``predict_perturbation`` from its
-    control cells (a control cell's basal posterior does not depend on the globals, so it is exact), the
+    control cells (a control cell's basal posterior does not depend on the globals, so it is the same), the
     mechanism and penetrance getters, and every method given other data (``adata=...``). Methods that read the
     counts of the model's own cells (training, ``predict_perturbation`` from perturbed cells, decoded and
     differential expression, posterior predictive checks, likelihood bounds) raise :class:`MinifiedDataError`;
