@@ -3,7 +3,8 @@
 Run: ``python benchmarks/combination_simulation.py [--seeds 0 1 2] [--lengths 1 2 4]`` (about 2-3 minutes per run
 on 2 CPU cores). Writes ``docs/results_combinations.md`` and its ``.csv``.
 
-Each seed simulates its own 3,000-cell combinatorial screen in expression space, with no latent space:
+Each seed simulates (``sams_scvi.data.simulate_combinations``) its own 3,000-cell combinatorial screen in expression
+space, with no latent space:
 
 * the control cells' per-gene expression and negative-binomial dispersion, and their library sizes, are those of
   the ECCITE-seq control cells (Papalexi 2021, 299 genes);
@@ -30,90 +31,24 @@ import argparse
 import time
 from pathlib import Path
 
-import anndata
 import numpy as np
 import pandas as pd
 import scvi
 import torch
 from _markdown import markdown_table
 from mechanism_fidelity import summarise
-from scipy import sparse
 
 import sams_scvi
 from sams_scvi import metrics
 
-N_SINGLES, N_PROGRAMS, PROGRAM_GENES, PRIVATE_GENES = 16, 6, 15, 3
-N_TRAIN_DOUBLES, N_HELDOUT_DOUBLES = 8, 5
-CONTROL_CELLS, SINGLE_CELLS, DOUBLE_CELLS = 900, 100, 60
-TEST_DOUBLE_CELLS, TEST_CONTROL_CELLS = 300, 1_000
-LOG_COEF_MEAN, LOG_COEF_SD = -0.33, 0.59  # log c1, log c2 over Norman et al.'s 125 fitted doubles
-INTERACTION_NORM = (0.2, 0.6)
 SCORES = ["pearson_top20", "r2_top20", "slope_top20", "pearson", "r2", "slope"]
 
 
-def control_profile():
-    """Per-gene proportions and NB dispersions, and library sizes, of the ECCITE-seq control cells."""
-    adata = sams_scvi.data.papalexi2021_eccite()
-    counts = adata[adata.obs["perturbation"] == "control"].X
-    counts = (counts.toarray() if sparse.issparse(counts) else np.asarray(counts)).astype(float)
-    library = counts.sum(1)
-    proportion = counts.sum(0) / library.sum()
-    mean = proportion * np.median(library)
-    normalised = counts / library[:, None] * np.median(library)
-    excess = np.maximum(normalised.var(0) - mean, 1e-3 * mean**2)
-    dispersion = np.clip(mean**2 / excess, 0.05, 100.0)
-    return proportion, dispersion, library[library > 0]
-
-
 def simulate(seed: int):
-    """The screen, the test cells (as two AnnData) and the held-out doubles."""
-    rng = np.random.default_rng(seed)
-    proportion, dispersion, libraries = control_profile()
-    n_genes = len(proportion)
-    programs = np.zeros((N_PROGRAMS, n_genes))
-    for program in programs:
-        program[rng.choice(n_genes, PROGRAM_GENES, replace=False)] = rng.normal(0.0, 0.8, PROGRAM_GENES)
-    effects = {}
-    for i in range(N_SINGLES):
-        chosen = rng.choice(N_PROGRAMS, rng.integers(1, 3), replace=False)
-        strengths = rng.choice([-1, 1], len(chosen)) * rng.uniform(0.6, 1.5, len(chosen))
-        effect = strengths @ programs[chosen]
-        effect[rng.choice(n_genes, PRIVATE_GENES, replace=False)] += rng.normal(0.0, 0.7, PRIVATE_GENES)
-        effects[f"g{i}"] = effect
-    pairs = set()
-    while len(pairs) < N_TRAIN_DOUBLES + N_HELDOUT_DOUBLES:
-        a, b = sorted(rng.choice(N_SINGLES, 2, replace=False))
-        pairs.add((f"g{a}", f"g{b}"))
-    pairs = sorted(pairs)
-    rng.shuffle(pairs)
-    for a, b in pairs:
-        c1, c2 = np.clip(np.exp(rng.normal(LOG_COEF_MEAN, LOG_COEF_SD, 2)), 0.1, 3.0)
-        combined = c1 * effects[a] + c2 * effects[b]
-        genes = np.flatnonzero((effects[a] != 0) | (effects[b] != 0))
-        genes = np.union1d(genes, rng.choice(n_genes, 5, replace=False))
-        interaction = np.zeros(n_genes)
-        interaction[genes] = rng.standard_normal(len(genes))
-        interaction *= rng.uniform(*INTERACTION_NORM) * np.linalg.norm(combined) / np.linalg.norm(interaction)
-        effects[f"{a}+{b}"] = combined + interaction
-    heldout = [f"{a}+{b}" for a, b in pairs[N_TRAIN_DOUBLES:]]
-    screen_sizes = {"control": CONTROL_CELLS, **{f"g{i}": SINGLE_CELLS for i in range(N_SINGLES)}}
-    screen_sizes.update({f"{a}+{b}": DOUBLE_CELLS for a, b in pairs[:N_TRAIN_DOUBLES]})
-    test_sizes = {"control": TEST_CONTROL_CELLS, **dict.fromkeys(heldout, TEST_DOUBLE_CELLS)}
-
-    def cells(sizes: dict[str, int], name: str) -> anndata.AnnData:
-        labels = np.repeat(list(sizes), list(sizes.values()))
-        log_fold = np.stack([effects.get(label, np.zeros(n_genes)) for label in labels])
-        rates = proportion * np.exp(log_fold)
-        rates /= rates.sum(1, keepdims=True)
-        mean = rates * rng.choice(libraries, len(labels))[:, None]
-        counts = rng.negative_binomial(dispersion, dispersion / (dispersion + mean))
-        adata = anndata.AnnData(sparse.csr_matrix(counts.astype(np.float32)))
-        adata.obs_names = [f"{name}{i}" for i in range(len(labels))]
-        adata.var_names = [f"gene{j}" for j in range(n_genes)]
-        adata.obs["perturbation"] = pd.Categorical(labels)
-        return adata
-
-    return cells(screen_sizes, "screen"), cells(test_sizes, "test"), heldout
+    """The screen and the test cells (as two AnnData) and the held-out doubles."""
+    adata = sams_scvi.data.simulate_combinations(seed=seed)
+    screen, test = (adata[adata.obs["split"] == split].copy() for split in ("screen", "test"))
+    return screen, test, adata.uns["simulation"]["held_out_doubles"]
 
 
 def run(seed: int, length: float) -> list[dict]:

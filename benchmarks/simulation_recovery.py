@@ -2,9 +2,9 @@
 
 Run: ``python benchmarks/simulation_recovery.py [--settings ...] [--resume]`` (about 8 minutes per setting on 2 CPU
 cores; runs are kept in ``docs/results_simulation.csv``). For two simulated screens
-(10 perturbations with K = 10, and 100 perturbations with K = 15 and sparser true masks, closer to the spec's §6.3
+(10 perturbations with K = 10, and 100 perturbations with K = 15 and sparser true masks, closer to the paper's Gaussian
 simulation), each optimisation setting and training length, it reports the ATE Pearson r against the true ATEs
-and the mask precision / recall / F1 under Hungarian matching of latent dimensions (spec §3.2).
+and the mask precision / recall / F1 under Hungarian matching of latent dimensions (docs/model.md).
 """
 
 from __future__ import annotations

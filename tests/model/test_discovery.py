@@ -49,6 +49,9 @@ def test_modules_group_shared_directions():
     assert list(modules) == ["module_0", "module_0", "module_1", "module_1", "no mechanism", "module_0"]
     assert list(modules.categories) == ["module_0", "module_1", "no mechanism"]
     assert len(set(_cluster_modules(shifts, module_distance=1.5))) == 2  # one module and "no mechanism"
+    # a small shift without an active dimension has no direction worth clustering
+    inactive = _cluster_modules(shifts, module_distance=0.3, active=[True, True, True, True, True, False])
+    assert list(inactive) == ["module_0", "module_0", "module_1", "module_1", "no mechanism", "no mechanism"]
 
 
 def test_mechanisms_anndata_works_with_scanpy(known):

@@ -24,6 +24,11 @@ def test_plots(known, gaussian_screen, tmp_path):
     observed = sams_scvi.metrics.observed_ate(gaussian_screen, perturbations=["p0", "p3"], scale="none")
     ax = sams_scvi.pl.ate_intervals(ate, ["g0", "g1", "g2"], observed=observed, show=False)
     assert len(ax.containers) == 2  # one error-bar group per perturbation
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["p0", "p3"] and legend[-1] == "observed" and legend[-2].startswith("predicted (90 %")
+    largest = ate.obs_names[np.abs(ate[:, ["g0"]].X).argmax()]
+    ax = sams_scvi.pl.ate_intervals(ate, ["g0"], n_perturbations=1, show=False)  # the largest effect on g0 only
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [largest, "predicted (90 % interval)"]
     with pytest.raises(ValueError, match="not in the ATE"):
         sams_scvi.pl.ate_intervals(ate, ["nope"], show=False)
 
@@ -33,6 +38,7 @@ def test_plots(known, gaussian_screen, tmp_path):
     screen = known.screen_combinations(n_samples=100, progress_bar=False)
     ax = sams_scvi.pl.screen_volcano(screen, n_labels=3, show=False)
     assert len(ax.texts) == 3 and ax.texts[0].get_text() == screen.obs_names[0]
+    assert ax.get_ylabel() == "genes with credible non-additivity" and ax.get_xlabel().startswith("non-additivity")
     assert sams_scvi.pl.screen_volcano(screen, show=True) is None  # shown: nothing returned, as in scanpy
 
     model = sams_scvi.SAMSVAE(known.adata, n_latent=2, n_hidden=8, likelihood="normal")

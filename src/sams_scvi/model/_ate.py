@@ -81,7 +81,8 @@ class TreatmentEffectMixin:
             Library size of the sampled counts: ``"median"``, the median library of the registered cells, or a
             number. The effects a user holds against data are measured on cells of that depth, whose counts carry
             its sampling noise; the paper's estimator samples at ``1e4``, which on shallow screens predicts
-            smaller effects than the data show (held-out slope 0.28 against 0.33 on TAP-seq, ``docs/model.md``).
+            smaller effects than the data show (held-out slope 0.32 against 0.36 on TAP-seq, 3 seeds,
+            ``docs/results_fidelity.md``).
         basal
             Where the basal states come from: ``"prior"`` or ``"control"`` (above).
         credible_level

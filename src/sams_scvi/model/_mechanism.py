@@ -182,7 +182,8 @@ class MechanismMixin:
         (``use_rep="X"``), :func:`scanpy.tl.leiden` and :func:`scanpy.tl.umap` work on it directly.
         ``obs["module"]`` groups perturbations whose shifts point the same way: average-linkage clustering of the
         cosine distance between effective shifts, cut at ``module_distance`` (0: identical directions, 1:
-        orthogonal); perturbations with no shift form ``"no mechanism"``. Modules are numbered by size.
+        orthogonal); perturbations with no shift, or no active dimension (``n_active`` 0), form
+        ``"no mechanism"``. Modules are numbered by size.
 
         Returns
         -------
@@ -211,7 +212,8 @@ class MechanismMixin:
         obs["shift_norm"] = np.linalg.norm(shifts.to_numpy(), axis=1)
         if self.module.models_penetrance:
             obs["penetrance"] = self.get_penetrance().to_numpy()
-        obs["module"] = _cluster_modules(shifts.to_numpy(), module_distance)
+        active = obs["n_active"].to_numpy() > 0 if self.module.mechanism.has_mask else None
+        obs["module"] = _cluster_modules(shifts.to_numpy(), module_distance, active)
         return AnnData(
             X=shifts.to_numpy(np.float32),
             obs=obs,
@@ -350,10 +352,16 @@ def _cosine_similarity(shifts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(unit @ unit.T, index=shifts.index, columns=shifts.index)
 
 
-def _cluster_modules(shifts: np.ndarray, module_distance: float) -> pd.Categorical:
-    """Average-linkage clusters of the rows' cosine distance, cut at ``module_distance``, numbered by size."""
+def _cluster_modules(shifts: np.ndarray, module_distance: float, active: np.ndarray | None = None) -> pd.Categorical:
+    """Average-linkage clusters of the rows' cosine distance, cut at ``module_distance``, numbered by size.
+
+    Rows without a shift, or not ``active`` (no latent dimension credibly on: their small effective shift is the
+    prior's, and its direction is noise), form ``"no mechanism"``.
+    """
     norms = np.linalg.norm(shifts, axis=1)
     has_shift = norms > 1e-6 * max(norms.max(initial=0.0), 1e-12)
+    if active is not None:
+        has_shift &= np.asarray(active, dtype=bool)
     labels = np.full(len(shifts), "no mechanism", dtype=object)
     index = np.flatnonzero(has_shift)
     if len(index) == 1:

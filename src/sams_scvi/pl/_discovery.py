@@ -68,6 +68,7 @@ def ate_intervals(
     genes: Sequence[str],
     perturbations: Sequence[str] | None = None,
     observed: AnnData | pd.DataFrame | None = None,
+    n_perturbations: int = 8,
     ax=None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -83,9 +84,12 @@ def ate_intervals(
     genes
         Genes to show, one group of points each.
     perturbations
-        Perturbations to show (default: all rows of ``ate``).
+        Perturbations to show; default, the ``n_perturbations`` rows of ``ate`` with the largest predicted
+        effect on ``genes``.
     observed
         Observed ATEs (e.g. :func:`sams_scvi.metrics.observed_ate`), drawn as crosses.
+    n_perturbations
+        How many perturbations to show when ``perturbations`` is not given.
     ax, show, save, return_fig
         As in scanpy.
     """
@@ -95,12 +99,17 @@ def ate_intervals(
         raise ValueError(f"Genes {missing} are not in the ATE table.")
     if "ci_lower" not in ate.layers:
         raise ValueError("`ate` has no intervals; pass the output of estimate_ate or ensemble_ate.")
-    perturbations = list(ate.obs_names) if perturbations is None else list(perturbations)
+    if perturbations is None:  # the largest effects on these genes: a legend of 100 labels shows nothing
+        size = np.abs(np.asarray(ate[:, genes].X)).max(axis=1)
+        perturbations = list(ate.obs_names[np.argsort(-size, kind="stable")[:n_perturbations]])
+    perturbations = list(perturbations)
     unknown = [p for p in perturbations if p not in ate.obs_names]
     if unknown:
         raise KeyError(f"perturbations not in the ATE table: {unknown[:10]}; its rows are {list(ate.obs_names[:10])}.")
+    from matplotlib.lines import Line2D
+
     observed_table = observed.to_df() if isinstance(observed, AnnData) else observed
-    fig, ax, made_here = new_axes(ax, (max(4.0, 0.5 * len(genes) * len(perturbations) ** 0.5 + 2), 3.5))
+    fig, ax, made_here = new_axes(ax, (min(3.0 + 0.25 * len(genes) * len(perturbations), 10.0), 3.5))
     width = 0.8 / max(len(perturbations), 1)
     for j, perturbation in enumerate(perturbations):
         row = ate.obs_names.get_loc(perturbation)
@@ -115,9 +124,16 @@ def ate_intervals(
             ax.plot(x, observed_table.loc[perturbation, genes].to_numpy(), "x", color=points[0].get_color(), ms=6)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(genes)), genes, rotation=45 if len(genes) > 4 else 0)
+    ax.set_xlabel("gene")
     level = ate.uns.get("credible_level")
-    ax.set_ylabel("ATE" + (f" ({int(round(100 * level))} % interval)" if level else ""))
-    ax.legend(fontsize=7, frameon=False, ncols=1 + len(perturbations) // 8)
+    interval = f"{int(round(100 * level))} % interval" if level else "interval"
+    scale = ate.uns.get("scale")
+    ax.set_ylabel("ATE" + (f" ({scale})" if isinstance(scale, str) else ""))
+    handles, names = ax.get_legend_handles_labels()
+    marks = [Line2D([], [], color="black", marker="o", ls="", ms=4), Line2D([], [], color="black", marker="x", ls="")]
+    handles += marks if observed_table is not None else marks[:1]
+    names += [f"predicted ({interval})", "observed"][: 2 if observed_table is not None else 1]
+    ax.legend(handles, names, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return finish(fig, ax, made_here, show, save, return_fig)
 
 
@@ -129,7 +145,11 @@ def screen_volcano(
     save: str | Path | None = None,
     return_fig: bool = False,
 ):
-    """Each screened pair's predicted effect against its non-additivity, coloured by credible non-additive genes.
+    """Volcano-style view of a combination screen: each pair's non-additivity (size) against its evidence.
+
+    x: the root mean square over genes of the pair's predicted non-additivity, ATE(A+B) - ATE(A) - ATE(B); y: the
+    number of genes whose non-additivity interval excludes 0; colour: the size of the pair's predicted effect.
+    Pairs up and to the right interact most, and most credibly.
 
     Parameters
     ----------
@@ -147,21 +167,24 @@ def screen_volcano(
             f"`screen` lacks obs columns {sorted(needed - set(obs.columns))}; pass the output of "
             "model.screen_combinations()."
         )
-    fig, ax, made_here = new_axes(ax, (5.0, 4.0))
-    points = ax.scatter(
-        obs["effect_norm"], obs["non_additivity_norm"], c=obs["n_credible_non_additive"], cmap="viridis", s=18
-    )
-    for label, row in obs.iloc[:n_labels].iterrows():
+    fig, ax, made_here = new_axes(ax, (5.5, 4.0))
+    x, y = obs["non_additivity_norm"].to_numpy(float), obs["n_credible_non_additive"].to_numpy(float)
+    points = ax.scatter(x, y, c=obs["effect_norm"], cmap="viridis", s=18)
+    middle = (np.nanmin(x) + np.nanmax(x)) / 2 if len(x) else 0.0
+    for position, label in enumerate(obs.index[:n_labels]):
+        right_half = x[position] > middle  # labelled towards the centre, so no label runs off the axes
         ax.annotate(
             label,
-            (row["effect_norm"], row["non_additivity_norm"]),
+            (x[position], y[position]),
             fontsize=7,
-            xytext=(3, 3),
+            xytext=(-3 if right_half else 3, 3),
             textcoords="offset points",
+            ha="right" if right_half else "left",
         )
-    ax.set_xlabel("predicted effect (root mean square ATE)")
-    ax.set_ylabel("non-additivity (root mean square)")
-    fig.colorbar(points, ax=ax, label="genes with credible non-additivity")
+    ax.margins(x=0.08, y=0.12)
+    ax.set_xlabel("non-additivity (root mean square over genes, log2)")
+    ax.set_ylabel("genes with credible non-additivity")
+    fig.colorbar(points, ax=ax, label="predicted effect (root mean square)", pad=0.02)
     return finish(fig, ax, made_here, show, save, return_fig)
 
 
