@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
+from scvi import settings
 
 from sams_scvi._constants import SAMS_REGISTRY_KEYS
 
@@ -162,8 +163,9 @@ class QueryMixin:
 
         The query is set up as the reference's data was; its new batch or covariate categories get new decoder
         rows, and only these are trained by ``train`` unless ``unfrozen``. Perturbations the reference does not
-        know need ``unfrozen=True``: a fixed decoder cannot express their effects. The reference's encoder, decoder, input statistics and known
-        perturbations stay exactly as trained (their gradients are zeroed and nothing decays them), and the axis
+        know are refused (a fixed decoder cannot express their effects): learn them with
+        :meth:`add_perturbations`, or pass ``unfrozen=True``. The reference's encoder, decoder, input statistics
+        and known perturbations stay exactly as trained (their gradients are zeroed and nothing decays them), and the axis
         alignment of the recipe is off (it would rotate the whole latent space).
 
         Parameters
@@ -288,7 +290,7 @@ class QueryMixin:
             raise ValueError(
                 "add_perturbations splits the cells itself; pass train_size instead of datasplitter_kwargs."
             )
-        rng = np.random.default_rng(_seed())
+        rng = np.random.default_rng(settings.seed)  # follows scvi.settings.seed, which it leaves as it is
         n_reference = self.adata.n_obs
         n_replay = min(
             n_reference, int(round(REPLAY_PER_NEW_CELL * adata.n_obs)) if replay_cells is None else replay_cells
@@ -333,13 +335,6 @@ class QueryMixin:
             **train_kwargs,
         )
         return model
-
-
-def _seed() -> int | None:
-    """scvi-tools' global seed (read, not changed), so that the replayed cells follow ``scvi.settings.seed``."""
-    import scvi
-
-    return scvi.settings.seed
 
 
 def _reference(cls, reference_model):
